@@ -335,3 +335,551 @@ class ActionExecutor:
             self.chunks = [(s, c) for s, c in self.chunks if self.t + 1 - s < len(c)]
         self.t += 1
         return np.asarray(action, dtype=np.float32)
+
+
+# ---- the VLA ----
+# (model part: configuration, the four formulations of §III-C, the closed-loop Policy, checkpoints)
+# heads.py, backbones.py and data.py import from the action math above; importing them as modules here (and
+# using their names at call time) keeps the import order free of cycles.
+
+import collections
+import dataclasses
+import json
+import os
+
+import torch.nn as nn
+
+import backbones
+import data
+import heads
+
+FORMULATIONS = ("one_step_discrete", "one_step_continuous", "interleaved", "policy_head")
+
+
+@dataclasses.dataclass
+class VLAConfig:
+    """Everything that defines a VLA. Presets: VLAConfig.tiny() (CPU, minutes) and VLAConfig.paper()."""
+    formulation: str = "policy_head"  # one of FORMULATIONS
+    window: int = 16  # H, history frames per sample (official window_size)
+    chunk: int = 10  # L, actions predicted per frame (official fwd_pred_next_n)
+    head: str = "lstm"  # "mlp" | "lstm" | "gpt" (policy_head); one-step / interleaved always use the MLP head
+    action_loss: str = "huber"  # "huber" (official) | "mse" (paper eq. 7) | "flow" (Table II)
+    lam: float = 0.01  # gripper BCE weight in eq. (7) (official arm_gripper_loss_ratio)
+    moe: bool = False  # pi0-style action expert (Table IIb); one_step_continuous only
+    backbone: str = "tiny"
+    backbone_kwargs: dict = dataclasses.field(default_factory=dict)  # size overrides for the backbone
+    views: tuple = ("static", "wrist")  # camera names in the data's view order
+    image_size: int = 224
+    train_vision: bool = True  # which backbone parts train (official KosMos: everything)
+    train_language: bool = True
+    train_embeddings: bool = True
+    head_width: int = 1024  # LSTM hidden / GPT width / MLP-trunk width (official 1024)
+    head_layers: int = 4  # LSTM layers (official 4); GPT layers (official 8)
+    head_heads: int = 8  # GPT heads (official 8)
+    head_mlp: tuple = (1024, 512, 256)  # output MLP hidden sizes (official MLPTanhHead)
+    expert_width: int = 0  # MoE expert width, 0 = the VLM's width
+    flow_steps: int = 10  # Euler steps at inference (pi0)
+    n_bins: int = 256  # discrete action bins (§III-B-1)
+    shift_aug: bool = True  # official random-shift augmentation in training
+    action_norm: str = "quantile"  # how the training data was normalized ("quantile" | "bounds")
+    norm_bound: float = OFFICIAL_BOUND
+
+    @classmethod
+    def tiny(cls, **overrides):
+        """CPU preset: ~1.1M-parameter VLM (+0.05-0.3M head), 64x64 images, 16 tokens per view. One-step
+        formulations default to window=1 (pass window=H to train H independent frames per sample)."""
+        base = dict(window=4, chunk=4, image_size=64, head_width=128, head_layers=2, head_heads=4,
+                    head_mlp=(128,), backbone="tiny")
+        if overrides.get("formulation", "").startswith("one_step"):
+            base["window"] = 1
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def paper(cls, backbone, **overrides):
+        """The official code's sizes (Kosmos-2 policy head, CALVIN): H=16, L=10, LSTM 4x1024, 224 px.
+        backbone: a pretrained VLM folder (official default: microsoft/kosmos-2-patch14-224 downloaded locally)."""
+        base = dict(window=16, chunk=10, head="lstm", head_width=1024, head_layers=4, head_heads=8,
+                    head_mlp=(1024, 512, 256), image_size=224, backbone=backbone)
+        if overrides.get("head") == "gpt":
+            base["head_layers"] = 8  # official GPTDecoder: 8 layers, 8 heads
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown VLAConfig field(s) {unknown}; was the checkpoint written by a newer version?")
+        d = dict(d)
+        for k in ("views", "head_mlp"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+    def validate(self):
+        def bad(msg):
+            raise ValueError(f"invalid VLAConfig: {msg}")
+        if self.formulation not in FORMULATIONS:
+            bad(f"formulation must be one of {FORMULATIONS}, got {self.formulation!r}")
+        if self.head not in ("mlp", "lstm", "gpt"):
+            bad(f"head must be 'mlp', 'lstm' or 'gpt', got {self.head!r}")
+        if self.action_loss not in ("huber", "mse", "flow"):
+            bad(f"action_loss must be 'huber', 'mse' or 'flow', got {self.action_loss!r}")
+        if self.window < 1 or self.chunk < 1:
+            bad(f"window (H) and chunk (L) must be >= 1, got H={self.window}, L={self.chunk}")
+        if self.formulation == "one_step_discrete":
+            if self.moe or self.action_loss == "flow":
+                bad("one_step_discrete predicts tokens with the LM head: moe and flow do not apply")
+        if self.moe and self.formulation != "one_step_continuous":
+            bad(f"moe (the pi0-style action expert, Table IIb) is implemented for one_step_continuous, "
+                f"got {self.formulation}")
+        if not self.views:
+            bad("views must name at least one camera, e.g. ('static', 'wrist')")
+        return self
+
+
+def _pack(valid, *tensors):
+    """Move each row's valid entries to the front, keeping their order. valid (B, K); tensors (B, K, ...)."""
+    order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices  # (B, K)
+    out = []
+    for t in (valid,) + tensors:
+        idx = order.view(*order.shape, *([1] * (t.dim() - 2))).expand(*order.shape, *t.shape[2:])
+        out.append(t.gather(1, idx))
+    return out
+
+
+class VLA(nn.Module):
+    """A VLM backbone + one of the four formulations of §III-C + a head.
+
+    forward(batch) -> (loss, metrics). batch: the default collation of data.py windows:
+      images uint8 (B, H, V, 3, S, S), actions (B, H, L, 7) normalized, action_mask bool (B, H, L),
+      instruction list[str] (B). (A `state` entry is ignored: the paper's setting uses no proprioception.)
+    Token layout per frame (official): [BOS] [wrist image] [static image] [text] [LRN] [EOS], sequences
+    padded at the end. Which parts train: config.train_vision / train_language / train_embeddings set
+    requires_grad of the backbone parts; [LRN], heads and the MoE expert always train.
+    trainable_parameters() lists what the optimizer should see.
+    """
+
+    def __init__(self, config, tokenizer_path=None):
+        super().__init__()
+        self.config = c = config.validate()
+        self.backbone = backbones.build_backbone(c.backbone, image_size=c.image_size, tokenizer_path=tokenizer_path,
+                                                 **c.backbone_kwargs)
+        bb = self.backbone
+        if bb.image_size != c.image_size:
+            raise ValueError(f"backbone {c.backbone} takes {bb.image_size}px images but config.image_size is "
+                             f"{c.image_size}")
+        if c.formulation in ("interleaved", "one_step_discrete") and not bb.image_tokens_inline:
+            raise ValueError(f"{c.formulation} needs a decoder-only backbone (image tokens in the sequence); "
+                             f"{c.backbone} is cross-attention based: use policy_head or one_step_continuous")
+        d = bb.hidden_size
+        self.lrn = nn.Parameter(torch.zeros(d))  # the learnable [LRN] token, zero-initialised (official)
+        objective = "flow" if c.action_loss == "flow" else "regress"
+        if c.formulation == "one_step_discrete":
+            self.action_tokenizer = ActionTokenizer(bb.vocab_size, n_bins=c.n_bins)
+        elif c.moe:
+            self.expert = heads.ActionExpert(bb, c.chunk, objective, width=c.expert_width or None)
+        else:
+            trunk = c.head if c.formulation == "policy_head" else "mlp"  # eq. (10), (13): an MLP on [LRN]
+            self.head = heads.PolicyHead(d, c.chunk, trunk, objective, width=c.head_width, layers=c.head_layers,
+                                         heads=c.head_heads, max_frames=c.window, out_hidden=c.head_mlp)
+        # official multi-view order: wrist tokens before static tokens, other cameras after, in config order
+        self.view_order = sorted(range(len(c.views)), key=lambda i: {"wrist": 0, "static": 1}.get(c.views[i], 2))
+        groups = bb.trainable_groups()
+        for name, flag in (("vision", c.train_vision), ("language", c.train_language),
+                           ("embeddings", c.train_embeddings)):
+            for p in groups[name]:
+                p.requires_grad_(flag)
+        self._ids = {}
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @property
+    def device(self):
+        return self.lrn.device
+
+    # --- inputs ---
+
+    def text_ids(self, instruction):
+        """Prompt token ids (no BOS/EOS). Continuous: the backbone's own format; discrete: the official
+        PhiPromptBuilder question (with K = L, not CALVIN's L + 1 quirk)."""
+        ids = self._ids.get(instruction)
+        if ids is None:
+            if not isinstance(instruction, str) or not instruction.strip():
+                raise ValueError(f"instruction must be a non-empty string, got {instruction!r}")
+            if self.config.formulation == "one_step_discrete":
+                L = self.config.chunk
+                ask = "What action" if L == 1 else f"What {L} step actions"
+                text = f"Input: {ask} should the robot take to {instruction}?\nOutput: "
+            else:
+                text = self.backbone.prompt(instruction)
+            ids = self._ids[instruction] = list(self.backbone.tokenizer.encode(text))
+        return ids
+
+    def image_tokens(self, images):
+        """uint8 (N, V, 3, S, S) -> (N, V * T_img, d): augment (train), normalize, encode, wrist first."""
+        c, bb = self.config, self.backbone
+        if images.dtype != torch.uint8 or images.dim() != 5 or images.shape[1] != len(c.views) \
+                or tuple(images.shape[2:]) != (3, c.image_size, c.image_size):
+            raise ValueError(f"expected uint8 images (N, {len(c.views)}, 3, {c.image_size}, {c.image_size}) for "
+                             f"views {c.views}, got {images.dtype} {tuple(images.shape)}")
+        images = images.to(self.device)
+        x = data.normalize_images(images, bb.image_mean, bb.image_std)  # (N, V, 3, S, S) float
+        if self.training and c.shift_aug:  # official pads (10 static, 4 wrist) are for 224 px: scale them
+            x = torch.stack([data.random_shift(x[:, i], round(data.SHIFT_PAD.get(v, 0) * c.image_size / 224))
+                             for i, v in enumerate(c.views)], 1)
+        N, V = x.shape[:2]
+        tok = bb.encode_images(x.flatten(0, 1))  # (N * V, T_img, d)
+        tok = tok.view(N, V, *tok.shape[1:])[:, self.view_order]
+        return tok.flatten(1, 2)  # (N, V * T_img, d)
+
+    def sequences(self, img_tok, tails):
+        """Build [BOS] [image tokens] [tail] per row, padded at the end.
+
+        img_tok (N, T_img, d); tails: N lists of token ids, where -1 marks the [LRN] slot.
+        -> embeds (N, T, d), valid (N, T), is_lrn (N, T), ids (N, T) (-1 for image and [LRN] slots).
+        """
+        bb, dev = self.backbone, self.device
+        N, T_img, d = img_tok.shape
+        width = max(len(t) for t in tails)
+        ids = torch.full((N, width), bb.tokenizer.pad_id, dtype=torch.long)
+        valid = torch.zeros(N, width, dtype=torch.bool)
+        for i, t in enumerate(tails):
+            ids[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+            valid[i, :len(t)] = True
+        ids, valid = ids.to(dev), valid.to(dev)
+        is_lrn = ids == -1
+        emb = bb.embed_tokens(ids.clamp(min=0))
+        emb = torch.where(is_lrn[..., None], self.lrn.to(emb.dtype), emb)  # (N, width, d)
+        inline = bb.image_tokens_inline  # False (Flamingo style): images enter through media=, not the sequence
+        parts, pre = ([img_tok, emb], T_img) if inline else ([emb], 0)
+        if bb.tokenizer.bos_id is not None:
+            bos = torch.full((N, 1), bb.tokenizer.bos_id, dtype=torch.long, device=dev)
+            parts.insert(0, bb.embed_tokens(bos))
+            pre += 1
+        x = torch.cat(parts, 1)
+        lead = torch.ones(N, pre, dtype=torch.bool, device=dev)
+        img_ids = torch.full((N, pre), -1, dtype=torch.long, device=dev)
+        if bb.tokenizer.bos_id is not None:
+            img_ids[:, 0] = bb.tokenizer.bos_id
+        return (x, torch.cat([lead, valid], 1), torch.cat([~lead, is_lrn], 1), torch.cat([img_ids, ids], 1))
+
+    def lrn_tail(self, instruction):
+        eos = self.backbone.tokenizer.eos_id
+        return self.text_ids(instruction) + [-1] + ([eos] if eos is not None else [])  # [LRN] before EOS
+
+    def media(self, img_tok):
+        """What forward(media=) gets: None for decoder-only VLMs (images are inline), else the image tokens."""
+        return None if self.backbone.image_tokens_inline else img_tok
+
+    @staticmethod
+    def positions(x):
+        return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+
+    # --- per-formulation feature extraction ---
+
+    def frame_features(self, images, instructions):
+        """Independent per-frame passes (policy_head, one_step_continuous; eq. 10, 14).
+        images uint8 (B, H, V, 3, S, S), instructions (B) -> [LRN] last-layer hidden states (B, H, d)."""
+        B, H = images.shape[:2]
+        tok = self.image_tokens(images.flatten(0, 1))  # (B*H, V*T_img, d)
+        tails = [self.lrn_tail(instructions[b]) for b in range(B) for _ in range(H)]
+        x, valid, is_lrn, _ = self.sequences(tok, tails)
+        hidden, _ = self.backbone(x, self.positions(x), media=self.media(tok))  # (B*H, T, d)
+        return hidden[is_lrn].view(B, H, -1)
+
+    def interleaved_features(self, images, instructions):
+        """One causal sequence of H segments per sample (eq. 12-13) -> every [LRN]_t's hidden state (B, H, d)."""
+        B, H = images.shape[:2]
+        tok = self.image_tokens(images.flatten(0, 1))
+        tails = [self.lrn_tail(instructions[b]) for b in range(B) for _ in range(H)]
+        x, valid, is_lrn, _ = self.sequences(tok, tails)  # (B*H, n, d): one segment per row
+        x, valid, is_lrn = (t.reshape(B, H * t.shape[1], *t.shape[2:]) for t in (x, valid, is_lrn))
+        valid, x, is_lrn = _pack(valid, x, is_lrn)  # segments back to back, padding at the end of each row
+        hidden, _ = self.backbone(x, self.positions(x))
+        return hidden[is_lrn].view(B, H, -1)
+
+    def vl_prefix(self, images, instructions):
+        """MoE: the vision-language prefix [BOS][images][text] of each frame through the plain VLM.
+        images (N, V, 3, S, S) -> (hidden (N, T, d), per-layer cache, valid (N, T), action positions (N, L))."""
+        tok = self.image_tokens(images)
+        x, valid, _, _ = self.sequences(tok, [self.text_ids(s) for s in instructions])
+        hidden, cache = self.backbone(x, self.positions(x), media=self.media(tok))
+        pos = valid.sum(1, keepdim=True) + torch.arange(self.config.chunk, device=x.device)  # after the prefix
+        return hidden, cache, valid, pos
+
+    # --- training ---
+
+    def forward(self, batch, generator=None):
+        """-> (loss, metrics). generator: optional torch.Generator for the flow-matching noise and times."""
+        c = self.config
+        images, instructions = batch["images"], list(batch["instruction"])
+        actions = batch["actions"].to(self.device, torch.float32)
+        mask = batch["action_mask"].to(self.device).bool()
+        B, H = images.shape[:2]
+        if tuple(actions.shape) != (B, H, c.chunk, ACTION_DIM) or tuple(mask.shape) != (B, H, c.chunk):
+            raise ValueError(f"expected actions (B, H, {c.chunk}, 7) and action_mask (B, H, {c.chunk}) matching "
+                             f"images (B={B}, H={H}); got {tuple(actions.shape)} and {tuple(mask.shape)}: "
+                             f"build the dataset with chunk={c.chunk}")
+        if len(instructions) != B:
+            raise ValueError(f"got {len(instructions)} instructions for a batch of {B}")
+        if H > c.window:
+            raise ValueError(f"batch has {H} frames per sample but the model was configured with window={c.window}")
+        kind = "mse" if c.action_loss == "flow" else c.action_loss
+        if c.formulation == "one_step_discrete":
+            return self._discrete_loss(images, instructions, actions, mask)
+        if c.moe:
+            _, cache, valid, pos = self.vl_prefix(images.flatten(0, 1), [s for s in instructions for _ in range(H)])
+            return self.expert.loss(cache, valid, pos, actions.flatten(0, 1), mask.flatten(0, 1), c.lam, kind,
+                                    generator)
+        if c.formulation == "interleaved":
+            feats = self.interleaved_features(images, instructions)
+        else:
+            feats = self.frame_features(images, instructions)
+        return self.head.loss(feats, actions, mask, lam=c.lam, kind=kind, generator=generator)
+
+    def _discrete_loss(self, images, instructions, actions, mask):
+        """eq. (8): teacher-forced next-token CE on the 7·L action tokens (+ EOS, official predict_stop_token).
+        One-step: the H frames of a window (if H > 1) are independent samples (no interleaved-discrete, §III-C)."""
+        B, H = images.shape[:2]
+        instructions = [s for s in instructions for _ in range(H)]
+        images, actions, mask, B = images.flatten(0, 1), actions.flatten(0, 1), mask.flatten(0, 1), B * H
+        tok = self.image_tokens(images)
+        act_ids = self.action_tokenizer.encode(actions).flatten(1).tolist()  # (B, 7L)
+        step_ok = mask.repeat_interleave(ACTION_DIM, 1).tolist()  # (B, 7L): masked steps are not targets
+        eos = self.backbone.tokenizer.eos_id
+        tails, sup = [], []
+        for b in range(B):
+            p = self.text_ids(instructions[b])
+            tails.append(p + act_ids[b] + ([eos] if eos is not None else []))
+            sup.append([False] * len(p) + step_ok[b] + ([True] if eos is not None else []))
+        x, valid, _, ids = self.sequences(tok, tails)
+        target = torch.zeros_like(valid)  # (B, T) True where the token is an action/EOS target
+        T_pre = x.shape[1] - max(len(t) for t in tails)  # [BOS] + image tokens
+        for b in range(B):
+            target[b, T_pre:T_pre + len(sup[b])] = torch.tensor(sup[b], device=target.device)
+        hidden, _ = self.backbone(x, self.positions(x))
+        logits = self.backbone.lm_logits(hidden)  # (B, T, vocab)
+        # logits at position p predict the token at p + 1
+        return discrete_action_loss(logits[:, :-1], ids[:, 1:].clamp(min=0), target[:, 1:])
+
+    # --- inference on whole windows (teacher forced; tests, offline evaluation) ---
+
+    @torch.no_grad()
+    def predict(self, images, instructions, generator=None):
+        """images uint8 (B, H, V, 3, S, S) -> normalized chunks (B, H, L, 7) for every frame (gripper in [-1, 1])."""
+        c = self.config
+        B, H = images.shape[:2]
+        if c.formulation == "one_step_discrete":
+            return torch.stack([torch.stack([self.decode_chunk(images[b, t:t + 1], instructions[b])[0]
+                                             for t in range(H)]) for b in range(B)])
+        if c.moe:
+            _, cache, valid, pos = self.vl_prefix(images.flatten(0, 1), [s for s in instructions for _ in range(H)])
+            out = self.expert.predict(cache, valid, pos, generator, c.flow_steps)
+            return out.view(B, H, c.chunk, ACTION_DIM)
+        feats = (self.interleaved_features if c.formulation == "interleaved" else self.frame_features)(
+            images, instructions)
+        return self.head.predict(feats, generator, c.flow_steps)
+
+    @torch.no_grad()
+    def decode_chunk(self, images, instruction):
+        """one_step_discrete: greedy decoding of the whole chunk (7·L tokens) with a KV cache (the official
+        code decodes one action only). images uint8 (1, V, 3, S, S) -> normalized chunk (1, L, 7)."""
+        tok = self.image_tokens(images)
+        x, _, _, _ = self.sequences(tok, [self.text_ids(instruction)])
+        hidden, cache = self.backbone(x, self.positions(x))
+        at, pos, out = self.action_tokenizer, x.shape[1], []
+        for _ in range(ACTION_DIM * self.config.chunk):
+            logits = self.backbone.lm_logits(hidden[:, -1])[:, at.id_min:at.id_max + 1]  # only action ids
+            nxt = logits.argmax(-1, keepdim=True) + at.id_min  # (1, 1)
+            out.append(nxt)
+            hidden, cache = self.backbone(self.backbone.embed_tokens(nxt), torch.full_like(nxt, pos), cache)
+            pos += 1
+        return at.decode(torch.cat(out, 1)).view(1, self.config.chunk, ACTION_DIM)
+
+    @torch.no_grad()
+    def interleaved_step(self, images, instruction, state):
+        """Streaming interleaved inference: append one segment [BOS][img][text][LRN][EOS] to a KV cache.
+
+        images uint8 (1, V, 3, S, S); state: a dict the caller keeps between steps ({} after a reset).
+        Costs one frame's tokens. Once H segments are cached, the oldest one's keys/values are evicted, so the
+        new frame attends to the last H frames as in training. RoPE makes attention depend only on position
+        differences, so positions simply keep counting. Exact (== a teacher-forced pass over the same frames)
+        while at most H frames have been seen; afterwards cached keys of the kept frames were computed while
+        the evicted frames were still visible, a sliding-window approximation. Policy(cache=False) recomputes.
+        -> the new [LRN]'s last-layer hidden state (1, d).
+        """
+        tok = self.image_tokens(images)
+        x, _, is_lrn, _ = self.sequences(tok, [self.lrn_tail(instruction)])
+        n, cache, n_seg = x.shape[1], state.get("cache"), state.get("n_seg", 0)
+        if cache is not None and n_seg >= self.config.window:
+            cache = [(k[:, :, n:], v[:, :, n:]) for k, v in cache]  # evict the oldest segment
+            n_seg -= 1
+        start = state.get("next_pos", 0)
+        pos = torch.arange(start, start + n, device=x.device)[None]  # (1, n)
+        hidden, cache = self.backbone(x, pos, cache)
+        state.update(cache=cache, n_seg=n_seg + 1, next_pos=start + n)
+        return hidden[is_lrn].view(1, -1)
+
+
+def _select_stats(stats, dataset_key):
+    """{dataset_key: stats} (or one stats dict) -> the stats to unnormalize with. Missing key = error."""
+    if not isinstance(stats, dict) or not stats:
+        raise ValueError(f"action statistics must be a dict {{dataset_key: stats}}, got {type(stats).__name__}")
+    if "q01" in stats:  # a single stats dict
+        return stats
+    if dataset_key is None:
+        if len(stats) != 1:
+            raise ValueError(f"the checkpoint has statistics for several datasets {sorted(stats)}: pass "
+                             f"dataset_key=... to choose the one whose action units the robot expects")
+        dataset_key = next(iter(stats))
+    if dataset_key not in stats:
+        raise KeyError(f"no action statistics for dataset {dataset_key!r}; the checkpoint has {sorted(stats)}")
+    return stats[dataset_key]
+
+
+class Policy:
+    """A trained VLA in closed loop: reset() at each episode/subtask, act(obs, instruction) every step.
+
+    obs: {"static": HxWx3 uint8, "wrist": HxWx3 uint8, ["state": ...]} (the cameras named in config.views).
+    Returns the action (7,) float32 in the dataset's original units, gripper exactly ±1.
+    Per-formulation history caches (cache=True):
+      policy_head: the per-frame [LRN] features of the last H frames; a step runs the VLM on the new frame only
+                   and the head over the cached features (exact: per-frame features do not depend on each other).
+      interleaved: a KV cache of the last H segments (VLA.interleaved_step); a step costs one frame's tokens.
+    cache=False recomputes the whole window every step (the official wrapper's way; the baseline of
+    benchmarks/bench_policy_latency.py). A changed instruction resets the history (as SimplerEnv's wrapper does).
+    execution: "chunk" | "first" | "ensemble" (ActionExecutor, Table II). seed: flow-matching noise, reseeded
+    at every reset() so evaluations are reproducible.
+    """
+
+    def __init__(self, vla, stats, execution="chunk", dataset_key=None, n_exec=None, k=0.01, seed=0, cache=True):
+        self.vla = vla.eval()
+        self.config = vla.config
+        self.stats = _select_stats(stats, dataset_key)
+        self.executor = ActionExecutor(execution, n_exec=n_exec, k=k)
+        self.seed, self.cache = seed, cache
+        self.generator = torch.Generator(device=vla.device)
+        self.reset()
+
+    @classmethod
+    def from_pretrained(cls, run_dir, execution="chunk", dataset_key=None, device="cpu", **kwargs):
+        vla, stats, _ = load_checkpoint(run_dir, device)
+        return cls(vla, stats, execution=execution, dataset_key=dataset_key, **kwargs)
+
+    def reset(self):
+        self.executor.reset()
+        self.generator.manual_seed(self.seed)
+        self.instruction = None
+        self.frames = collections.deque(maxlen=self.config.window)  # raw frames (cache=False)
+        self.feats = collections.deque(maxlen=self.config.window)  # policy_head: [LRN] features (1, d)
+        self.state = {}  # interleaved: KV cache
+        self.last_chunk = None  # the latest normalized chunk (L, 7), for inspection
+
+    def images(self, obs):
+        """obs dict -> uint8 (1, V, 3, S, S) in config.views order, resized with data.resize_images."""
+        c = self.config
+        missing = [v for v in c.views if v not in obs]
+        if missing:
+            raise KeyError(f"observation lacks camera(s) {missing}: this policy was trained on views {c.views}, "
+                           f"got keys {sorted(obs)}")
+        return torch.stack([data.resize_images(obs[v], c.image_size) for v in c.views])[None]
+
+    @torch.no_grad()
+    def predict_chunk(self, obs, instruction, need=True):
+        """Update the history with this observation; if `need`, return the newest frame's chunk (L, 7) normalized."""
+        if instruction != self.instruction:
+            self.reset()
+            self.instruction = instruction
+        vla, c = self.vla, self.config
+        img = self.images(obs).to(vla.device)  # (1, V, 3, S, S)
+        if c.formulation == "policy_head":
+            if self.cache:
+                self.feats.append(vla.frame_features(img[None], [instruction])[:, 0])
+                feats = torch.stack(list(self.feats), 1) if need else None  # (1, h, d)
+            else:
+                self.frames.append(img)
+                feats = vla.frame_features(torch.stack(list(self.frames), 1), [instruction]) if need else None
+            out = vla.head.predict(feats, self.generator, c.flow_steps, last=True)[0, -1] if need else None
+        elif c.formulation == "interleaved":
+            if self.cache:
+                feat = vla.interleaved_step(img, instruction, self.state)[:, None]  # (1, 1, d)
+            else:
+                self.frames.append(img)
+                feat = vla.interleaved_features(torch.stack(list(self.frames), 1), [instruction])[:, -1:] \
+                    if need else None
+            out = vla.head.predict(feat, self.generator, c.flow_steps, last=True)[0, -1] if need else None
+        else:  # one-step formulations: no history
+            out = vla.predict(img[None], [instruction], self.generator)[0, -1] if need else None
+        if out is not None:
+            self.last_chunk = out.float().cpu().numpy()
+        return self.last_chunk if need else None
+
+    def act(self, obs, instruction):
+        need = self.executor.needs_chunk() or instruction != self.instruction
+        chunk = self.predict_chunk(obs, instruction, need)
+        if chunk is not None:
+            self.executor.add_chunk(chunk)
+        a = self.executor.next_action()
+        return unnormalize_action(a, self.stats, mode=self.config.action_norm,
+                                  bound=self.config.norm_bound).astype(np.float32)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Checkpoints: model.safetensors + config.json + action_stats.json + the tokenizer file, in one directory
+# -----------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "robovlms-vla"
+
+
+def _atomic_write(path, write):
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
+
+
+def save_checkpoint(run_dir, vla, stats, extra=None):
+    """Write the checkpoint files into run_dir (each atomically; config.json last marks completeness).
+
+    stats: {dataset_key: stats dict from compute_action_stats}; extra: JSON-able dict (step, metrics, ...).
+    """
+    from safetensors.torch import save_model
+    if not isinstance(stats, dict) or not stats or "q01" in stats or \
+            not all(isinstance(s, dict) and "q01" in s for s in stats.values()):
+        raise ValueError("save_checkpoint needs stats as {dataset_key: compute_action_stats(...)}, e.g. "
+                         "{'metaworld': stats}; got " + repr(stats)[:200])
+    os.makedirs(run_dir, exist_ok=True)
+    _atomic_write(os.path.join(run_dir, "model.safetensors"), lambda p: save_model(vla, p))
+    _atomic_write(os.path.join(run_dir, vla.backbone.tokenizer_filename), vla.backbone.tokenizer.save)
+
+    def dump(obj):
+        return lambda p: open(p, "w").write(json.dumps(obj, indent=1))
+    _atomic_write(os.path.join(run_dir, "action_stats.json"), dump(stats))
+    cfg = {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(vla.config), "extra": extra or {}}
+    _atomic_write(os.path.join(run_dir, "config.json"), dump(cfg))
+
+
+def load_checkpoint(run_dir, device="cpu"):
+    """-> (vla in eval mode, stats {dataset_key: stats}, extra dict)."""
+    from safetensors.torch import load_model
+    need = ["config.json", "model.safetensors", "action_stats.json"]
+    missing = [f for f in need if not os.path.isfile(os.path.join(run_dir, f))]
+    if missing:
+        raise FileNotFoundError(f"{run_dir} is not a complete checkpoint: missing {missing} (written by "
+                                f"vla.save_checkpoint; config.json is written last)")
+    with open(os.path.join(run_dir, "config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{run_dir}/config.json is not a {CHECKPOINT_FORMAT} checkpoint config")
+    config = VLAConfig.from_dict(cfg["config"])
+    tok_file = os.path.join(run_dir, backbones.TinyVLM.tokenizer_filename)
+    vla = VLA(config, tokenizer_path=tok_file if os.path.isfile(tok_file) else None)
+    try:
+        load_model(vla, os.path.join(run_dir, "model.safetensors"), strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"weights in {run_dir}/model.safetensors do not fit the model built from its "
+                           f"config.json ({e}); was the checkpoint written by another version?") from None
+    with open(os.path.join(run_dir, "action_stats.json")) as f:
+        stats = json.load(f)
+    return vla.to(device).eval(), stats, cfg.get("extra", {})

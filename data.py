@@ -1,0 +1,940 @@
+"""Episodes on disk -> training windows: CALVIN's own format, the project's HDF5 format, mixtures.
+
+Read top to bottom:
+  1. image preprocessing shared by training and Policy.act: resize_images, normalize_images, random_shift
+  2. the HDF5 episode format: EpisodeWriter (crash-safe, flushed per episode); schema in docs/hdf5_format.md
+  3. windows: H observation frames, each with the chunk of its next L actions, masked past the segment end
+  4. readers: HDF5Dataset, CalvinDataset (the dataset exactly as distributed), MixtureDataset (§II-E co-training)
+  5. make_dataloader: workers + DistributedSampler
+
+A window (one sample) is a dict:
+  images       uint8 (H, V, 3, S, S)  views in the order of `views`, resized to the backbone's size S
+  actions      float32 (H, L, 7)      actions[t, j] = action of frame t + j, normalized with this dataset's stats
+  action_mask  bool (H, L)            False where frame t + j lies past the end of the segment (values there are 0)
+  instruction, task, dataset (str)    dataset = the key of the dataset whose statistics normalized the actions
+  state        float32 (H, D)         only with state=True
+H and L follow the paper (the official code calls them window_size and fwd_pred_next_n).
+"""
+
+import hashlib
+import json
+import os
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vla import compute_action_stats, normalize_action
+
+ACTION_DIM = 7
+VIEWS = ("static", "wrist")  # third-person camera, gripper camera
+SHIFT_PAD = {"static": 10, "wrist": 4}  # official random-shift padding in pixels (rgb_pad / gripper_pad)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP / Kosmos-2 image processor
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # SigLIP / PaliGemma
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the episode and the problem."""
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 1. Image preprocessing (one path for training and for Policy.act)
+# -----------------------------------------------------------------------------------------------------------
+
+def resize_images(images, size, out=None):
+    """uint8 images (..., h, w, 3) (numpy or tensor) -> uint8 tensor (..., 3, size, size).
+
+    Bicubic with antialiasing, like the CLIP/Kosmos image processors the official code uses (200 -> 224 static,
+    84 -> 224 wrist). Square output: the aspect ratio is not kept (CALVIN and our cameras are square anyway).
+    out: optional uint8 tensor (..., 3, size, size) to write into (saves a copy when stacking views).
+    """
+    x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+    if x.dtype != torch.uint8 or x.ndim < 3 or x.shape[-1] != 3:
+        raise ValueError(f"resize_images expects uint8 images (..., h, w, 3), got {x.dtype} {tuple(x.shape)}")
+    lead, (h, w) = x.shape[:-3], x.shape[-3:-1]
+    x = x.reshape(-1, h, w, 3).permute(0, 3, 1, 2)  # (N, 3, h, w) as a channels-last view: no copy
+    if (h, w) != (size, size):
+        try:  # torch's uint8 channels-last CPU kernel: ~10x faster than going through float
+            if x.device.type != "cpu":
+                raise RuntimeError("uint8 kernel is CPU only")
+            x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        except RuntimeError:  # GPU tensors (and torch builds without the uint8 kernel)
+            x = F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+            x = x.round_().clamp_(0, 255).to(torch.uint8)
+    x = x.reshape(*lead, 3, size, size)  # still channels-last in memory
+    if x.device.type != "cpu":
+        return x.contiguous() if out is None else out.copy_(x)
+    # to planar (..., 3, S, S) memory: for uint8, numpy's strided copy is several times faster than torch's
+    # copy_ / contiguous() (measured ~1-4 ms vs ~4-17 ms for 16 frames at 224 on a busy 2-core machine)
+    out = torch.empty((*lead, 3, size, size), dtype=torch.uint8) if out is None else out
+    np.copyto(out.numpy(), x.numpy())
+    return out
+
+
+def normalize_images(x, mean, std):
+    """uint8 (..., 3, S, S) -> float (x / 255 - mean) / std, per channel."""
+    if x.shape[-3] != 3:
+        raise ValueError(f"normalize_images expects (..., 3, S, S), got {tuple(x.shape)}")
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return (x.float() / 255.0 - mean) / std
+
+
+def random_shift(x, pad, generator=None):
+    """Random-shift augmentation (DrQ / official RandomShiftsAug): replicate-pad by `pad`, crop back to S x S.
+
+    x: (..., C, S, S), float or uint8; every leading index (every frame) gets its own integer shift in
+    [-pad, pad] per axis. The official code draws from {-pad+1, ..., pad} (randint(1, 2 pad + 1)) through
+    grid_sample; integer-exact crops give the same images without interpolation.
+    """
+    if pad <= 0:
+        return x
+    lead, (c, h, w) = x.shape[:-3], x.shape[-3:]
+    xb = x.reshape(-1, c, h, w)
+    b = xb.shape[0]
+    padded = F.pad(xb.float() if not xb.is_floating_point() else xb, (pad, pad, pad, pad), mode="replicate")
+    padded = padded.to(xb.dtype)  # (B, C, h + 2p, w + 2p)
+    off = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator).to(x.device)  # (B, 2) top-left corner
+    rows = off[:, 0:1] + torch.arange(h, device=x.device)  # (B, h)
+    cols = off[:, 1:2] + torch.arange(w, device=x.device)  # (B, w)
+    out = padded.gather(2, rows[:, None, :, None].expand(b, c, h, w + 2 * pad))  # (B, C, h, w + 2p)
+    out = out.gather(3, cols[:, None, None, :].expand(b, c, h, w))  # (B, C, h, w)
+    return out.reshape(*lead, c, h, w)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 2. The HDF5 episode format (docs/hdf5_format.md)
+# -----------------------------------------------------------------------------------------------------------
+
+HDF5_FORMAT = "robovlms-episodes"
+HDF5_VERSION = 1
+REQUIRED_FILE_ATTRS = ("control_hz", "action_convention")
+
+
+def _check_episode_arrays(images, actions, state, where):
+    """Validate one episode's arrays; raise DataError naming `where` (file + episode) and the problem."""
+    actions = np.asarray(actions)
+    if actions.ndim != 2 or actions.shape[1] != ACTION_DIM:
+        raise DataError(f"{where}: actions must have shape (T, {ACTION_DIM}), got {actions.shape}")
+    t = actions.shape[0]
+    if t == 0:
+        raise DataError(f"{where}: episode has 0 frames")
+    if not np.isfinite(actions).all():
+        row, dim = np.argwhere(~np.isfinite(actions))[0]
+        raise DataError(f"{where}: action at frame {row}, dim {dim} is {actions[row, dim]} (NaN/inf); "
+                        f"fix the recording or drop this episode")
+    if not images:
+        raise DataError(f"{where}: no camera images given (expected a dict like {{'static': (T, h, w, 3)}})")
+    for view, im in images.items():
+        if view not in VIEWS:
+            raise DataError(f"{where}: unknown view {view!r}; expected one of {VIEWS}")
+        shape, dtype = tuple(im.shape), im.dtype
+        if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
+            raise DataError(f"{where}: images[{view!r}] must be uint8 (T, h, w, 3), got {dtype} {shape}")
+        if shape[0] != t:
+            raise DataError(f"{where}: images[{view!r}] has {shape[0]} frames but actions have {t}: "
+                            f"every array of an episode needs one row per control step")
+    if state is not None:
+        state = np.asarray(state)
+        if state.ndim != 2 or state.shape[0] != t:
+            raise DataError(f"{where}: state must have shape (T={t}, D), got {state.shape}")
+        if not np.isfinite(state).all():
+            raise DataError(f"{where}: state contains NaN/inf")
+    return t
+
+
+class EpisodeWriter:
+    """Appends episodes to one HDF5 file; crash-safe by flushing each finished episode.
+
+        with EpisodeWriter("demos.h5", {"control_hz": 10, "action_convention": "..."}) as w:
+            w.add_episode({"static": (T,h,w,3) uint8, "wrist": ...}, actions (T,7), "pick the cube", "pick", state)
+
+    Each episode is written to its own group and marked complete (attr `complete=1`) only after all its
+    arrays are written; then the file is flushed (H5Fflush) and fsync'ed. So when add_episode returns, the
+    episode is on disk; a process killed while writing the next one leaves the earlier episodes intact
+    (tests/test_data.py kills a writer mid-episode to check). Readers skip groups without the marker, and a
+    writer reopening the file removes them. An existing file is appended to; its file attributes must agree.
+    """
+
+    def __init__(self, path, attrs, compression=None):
+        import h5py
+
+        self.path = Path(path)
+        attrs = dict(attrs)
+        missing = [k for k in REQUIRED_FILE_ATTRS if k not in attrs]
+        if missing:
+            raise ValueError(f"EpisodeWriter({self.path}): file attrs must include {missing} (e.g. control_hz=10, "
+                             f"action_convention='delta xyz (m) + delta euler xyz (rad) + gripper 1 open/-1 "
+                             f"closed'); got {sorted(attrs)}")
+        self.compression = compression  # None (fastest reads) or "gzip" / "lzf"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        exists = self.path.exists()
+        try:
+            self.f = h5py.File(self.path, "a")
+        except OSError as e:
+            raise DataError(f"{self.path}: cannot open for appending ({e}); is it a corrupt or non-HDF5 file?") from e
+        if exists and "episodes" in self.f:
+            if self.f.attrs.get("format") != HDF5_FORMAT:
+                self.f.close()
+                raise DataError(f"{self.path}: exists but is not a {HDF5_FORMAT} file")
+            for k, v in attrs.items():
+                old = self.f.attrs.get(k)
+                if old is not None and _attr_str(old) != _attr_str(v):
+                    self.f.close()
+                    raise DataError(f"{self.path}: file attr {k!r} is {_attr_str(old)!r} but this writer got "
+                                    f"{_attr_str(v)!r}; write to a new file instead of mixing conventions")
+            for name in [n for n, g in self.f["episodes"].items() if not g.attrs.get("complete", 0)]:
+                del self.f["episodes"][name]  # left over from an interrupted write
+        self.f.attrs["format"] = HDF5_FORMAT
+        self.f.attrs["format_version"] = HDF5_VERSION
+        for k, v in attrs.items():
+            self.f.attrs[k] = v
+        self.episodes = self.f.require_group("episodes")
+        self._sync()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if getattr(self, "f", None) is not None:
+            self.f.close()
+            self.f = None
+
+    def _sync(self):
+        self.f.flush()
+        try:  # H5Fflush hands the data to the OS; fsync also survives a power cut
+            fd = os.open(self.path, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        except OSError:
+            pass
+
+    def add_episode(self, images, actions, instruction, task, state=None):
+        """images {view: (T, h, w, 3) uint8}, actions (T, 7) in the robot's own units, state (T, D) or None."""
+        if self.f is None:
+            raise RuntimeError(f"EpisodeWriter({self.path}) is closed")
+        name = f"ep_{len(self.episodes):06d}"
+        where = f"{self.path} episode {name} ({instruction!r})"
+        images = {v: np.asarray(im) for v, im in images.items()}
+        t = _check_episode_arrays(images, actions, state, where)
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise DataError(f"{where}: instruction must be a non-empty string, got {instruction!r}")
+        if not isinstance(task, str):
+            raise DataError(f"{where}: task must be a string, got {task!r}")
+        while name in self.episodes:  # numbering stays unique even after removed partial episodes
+            name = f"ep_{int(name[3:]) + 1:06d}"
+        g = self.episodes.create_group(name)
+        for view, im in images.items():
+            g.create_dataset(f"images/{view}", data=im, chunks=(1, *im.shape[1:]), compression=self.compression)
+        g.create_dataset("actions", data=np.asarray(actions, dtype=np.float32))
+        if state is not None:
+            g.create_dataset("state", data=np.asarray(state, dtype=np.float32))
+        g.attrs["instruction"] = instruction
+        g.attrs["task"] = task
+        g.attrs["length"] = t
+        g.attrs["complete"] = 1  # commit marker: written last
+        self._sync()
+        return name
+
+
+def _attr_str(v):
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return str(v.item())
+    return str(v)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 3. Windows over segments (shared by every reader)
+# -----------------------------------------------------------------------------------------------------------
+
+def select_segments(tasks, few_shot=None, fraction=None, seed=0):
+    """Indices of the segments to keep (sorted). tasks: list[str], one per segment.
+
+    few_shot=k keeps k segments per task (paper Extended Fig. 5 uses k = 10), fraction=f keeps round(f * n)
+    segments overall (paper: 0.1x of ABCD); both drawn with a seeded generator, so the choice is reproducible.
+    """
+    idx = np.arange(len(tasks))
+    rng = np.random.default_rng(seed)
+    if few_shot is not None:
+        if not isinstance(few_shot, (int, np.integer)) or few_shot < 1:
+            raise ValueError(f"few_shot must be a number k >= 1 of segments per task, got {few_shot!r} "
+                             f"(CalvinDataset also takes the official {{task: [[start, end], ...]}} file)")
+        keep = []
+        for task in sorted(set(tasks)):
+            mine = idx[np.asarray(tasks, dtype=object) == task]
+            keep.extend(rng.permutation(mine)[:int(few_shot)].tolist())
+        idx = np.asarray(sorted(keep), dtype=np.int64)
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        n = max(1, int(round(fraction * len(idx))))
+        idx = np.sort(rng.permutation(idx)[:n])
+    return idx
+
+
+def _check_window_args(window, chunk, views, image_size):
+    if int(window) < 1 or int(chunk) < 1:
+        raise ValueError(f"window (H) and chunk (L) must be >= 1, got H={window}, L={chunk}")
+    views = tuple(views)
+    if not views or len(set(views)) != len(views) or any(v not in VIEWS for v in views):
+        raise ValueError(f"views must be a non-empty subset of {VIEWS} without repeats, got {views}")
+    if int(image_size) < 8:
+        raise ValueError(f"image_size must be the backbone's square input size (e.g. 224), got {image_size}")
+    return int(window), int(chunk), views, int(image_size)
+
+
+class WindowDataset(torch.utils.data.Dataset):
+    """Map-style dataset of windows. Subclasses fill a flat frame table and call _build(), and load images.
+
+    Frame table: raw actions (N, 7) and optionally state (N, D), one row per frame. A segment is an inclusive
+    row range [start, end] with one instruction (a CALVIN language annotation, or one HDF5 episode). Window i
+    starts at row t0 with all H frames inside its segment (t0 in [start, end - H + 1]); frame t's chunk holds
+    the actions of rows t .. t + L - 1, and entries past `end` are masked and zero, never invented. (The
+    official loader also drops the action of the segment's last frame; here it is kept.)
+    """
+
+    def _build(self, key, actions, state, seg_start, seg_end, instructions, tasks, window, chunk, views,
+               image_size, stats, norm_mode, few_shot=None, fraction=None, seed=0):
+        self.key, self.norm_mode = str(key), norm_mode
+        self.window, self.chunk, self.views, self.image_size = _check_window_args(window, chunk, views, image_size)
+        keep = self.seg_keep = select_segments(list(tasks), few_shot, fraction, seed)  # indices into the input
+        self.seg_start = np.asarray(seg_start, dtype=np.int64)[keep]  # (S,) first row of each segment
+        self.seg_end = np.asarray(seg_end, dtype=np.int64)[keep]  # (S,) last row (inclusive)
+        self.instructions = [instructions[i] for i in keep]
+        self.tasks = [tasks[i] for i in keep]
+        self.raw_actions = np.asarray(actions, dtype=np.float32)  # (N, 7)
+        self.state = None if state is None else np.asarray(state, dtype=np.float32)  # (N, D)
+        if stats is None:  # statistics of exactly the frames this dataset trains on
+            if len(self.seg_start) == 0:
+                raise DataError(f"dataset {self.key!r}: no segments left to compute statistics from")
+            rows = np.unique(np.concatenate([np.arange(s, e + 1) for s, e in zip(self.seg_start, self.seg_end)]))
+            stats = compute_action_stats(self.raw_actions[rows])
+        self.stats = stats
+        self.actions = normalize_action(self.raw_actions, stats, mode=norm_mode).astype(np.float32)  # (N, 7)
+        h = self.window
+        lengths = self.seg_end - self.seg_start + 1
+        self.n_short = int((lengths < h).sum())  # segments shorter than H give no window
+        counts = np.maximum(lengths - h + 1, 0)
+        self.win_seg = np.repeat(np.arange(len(counts)), counts)  # (M,) segment of each window
+        first = np.repeat(np.cumsum(counts) - counts, counts)
+        self.win_t0 = self.seg_start[self.win_seg] + np.arange(counts.sum()) - first  # (M,) first row
+
+    @property
+    def stats_by_key(self):
+        return {self.key: self.stats}
+
+    def __len__(self):
+        return len(self.win_t0)
+
+    def window_rows(self, i):
+        """(frame rows (H,), chunk rows (H, L), mask (H, L)) of window i: the index arithmetic, without I/O."""
+        t0, end = int(self.win_t0[i]), int(self.seg_end[self.win_seg[i]])
+        frames = t0 + np.arange(self.window)  # (H,)
+        rows = frames[:, None] + np.arange(self.chunk)[None, :]  # (H, L)
+        return frames, rows, rows <= end
+
+    def __getitem__(self, i):
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"window {i} out of range for {len(self)} windows")
+        i = i % len(self)
+        frames, rows, mask = self.window_rows(i)
+        end = self.seg_end[self.win_seg[i]]
+        actions = self.actions[np.minimum(rows, end)]  # (H, L, 7)
+        actions[~mask] = 0.0
+        seg = int(self.win_seg[i])
+        out = {"images": self._images(seg, frames),  # (H, V, 3, S, S) uint8
+               "actions": torch.from_numpy(actions), "action_mask": torch.from_numpy(mask),
+               "instruction": self.instructions[seg], "task": self.tasks[seg], "dataset": self.key}
+        if self.with_state:
+            out["state"] = torch.from_numpy(self.state[frames])  # (H, D)
+        return out
+
+    def _images(self, seg, frames):
+        """uint8 (H, V, 3, S, S) for rows `frames` of segment `seg`."""
+        images = self._load_frames(seg, frames)  # {view: (H, h, w, 3) uint8}
+        out = torch.empty((len(frames), len(self.views), 3, self.image_size, self.image_size), dtype=torch.uint8)
+        for k, v in enumerate(self.views):
+            resize_images(images[v], self.image_size, out=out[:, k])
+        return out  # (H, V, 3, S, S)
+
+    def _load_frames(self, seg, frames):
+        raise NotImplementedError
+
+
+def save_stats(stats_by_key, path):
+    """{dataset_key: stats} -> JSON file (written atomically)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(stats_by_key, indent=1))
+    os.replace(tmp, path)
+
+
+def load_stats(path):
+    return json.loads(Path(path).read_text())
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 4a. HDF5 reader
+# -----------------------------------------------------------------------------------------------------------
+
+class HDF5Dataset(WindowDataset):
+    """Windows from one or more HDF5 episode files (docs/hdf5_format.md). One segment = one episode.
+
+    split: "all", or "train" / "val" for a held-out validation split of whole episodes (a seeded choice of
+    round(val_fraction * n) episodes); statistics default to the train part's, also for split="val".
+    skip_bad: skip (and count in .n_bad) episodes or files that fail validation instead of raising.
+    """
+
+    def __init__(self, path_or_paths, window, chunk, views=VIEWS, image_size=224, stats=None, key=None,
+                 split="all", val_fraction=0.1, seed=0, few_shot=None, fraction=None, state=False,
+                 norm_mode="quantile", skip_bad=False):
+        import h5py
+
+        paths = [path_or_paths] if isinstance(path_or_paths, (str, Path)) else list(path_or_paths)
+        if not paths:
+            raise ValueError("HDF5Dataset needs at least one file path")
+        self.paths = [str(p) for p in paths]
+        window, chunk, views, image_size = _check_window_args(window, chunk, views, image_size)
+        self.with_state, self.n_bad, self.n_incomplete, self.bad = bool(state), 0, 0, []
+        eps, acts, sts = [], [], []  # eps: (file index, episode name, instruction, task, n frames)
+        for fi, path in enumerate(self.paths):
+            if not os.path.isfile(path):
+                raise DataError(f"{path}: HDF5 file not found")
+            try:
+                f = h5py.File(path, "r")
+            except OSError as e:
+                self._bad(f"{path}: cannot open as HDF5 ({e}); the file is corrupt or truncated", skip_bad)
+                continue
+            with f:
+                if f.attrs.get("format") != HDF5_FORMAT or "episodes" not in f:
+                    self._bad(f"{path}: not a {HDF5_FORMAT} file (no 'format' attr / 'episodes' group); "
+                              f"write it with data.EpisodeWriter (schema: docs/hdf5_format.md)", skip_bad)
+                    continue
+                if key is None:
+                    key = _attr_str(f.attrs.get("dataset_key", Path(path).stem))
+                for name in sorted(f["episodes"]):
+                    g, where = f["episodes"][name], f"{path} episode {name}"
+                    if not g.attrs.get("complete", 0):
+                        self.n_incomplete += 1  # interrupted write: never part of the data
+                        continue
+                    try:
+                        a, s = _read_hdf5_episode(g, views, state, where)
+                        if s is not None and sts and s.shape[1] != sts[0].shape[1]:
+                            raise DataError(f"{where}: state has {s.shape[1]} dims, earlier episodes {sts[0].shape[1]}")
+                    except (DataError, KeyError, OSError) as e:
+                        self._bad(e if isinstance(e, DataError) else f"{where}: unreadable ({e})", skip_bad)
+                        continue
+                    eps.append((fi, name, _attr_str(g.attrs["instruction"]), _attr_str(g.attrs.get("task", "")),
+                                len(a)))
+                    acts.append(a)
+                    sts.append(s)
+        if not eps:
+            raise DataError(f"{self.paths}: no complete, valid episodes found")
+        # held-out validation split of whole episodes
+        order = np.random.default_rng(seed).permutation(len(eps))
+        n_val = int(round(val_fraction * len(eps))) if split != "all" else 0
+        if split != "all" and (n_val < 1 or n_val >= len(eps)):
+            raise DataError(f"{self.paths}: val_fraction={val_fraction} of {len(eps)} episodes leaves an empty "
+                            f"train or val split; record more episodes or change val_fraction")
+        val = set(order[:n_val].tolist())
+        if split == "all":
+            chosen = list(range(len(eps)))
+        elif split in ("train", "val"):
+            chosen = [i for i in range(len(eps)) if (i in val) == (split == "val")]
+        else:
+            raise ValueError(f"split must be 'all', 'train' or 'val', got {split!r}")
+        if stats is None and split == "val":  # normalize held-out episodes with the training statistics
+            stats = compute_action_stats(np.concatenate([acts[i] for i in range(len(eps)) if i not in val]))
+        self.episodes = [eps[i][:2] for i in chosen]  # (file index, episode name) per segment
+        lengths = np.array([eps[i][4] for i in chosen], dtype=np.int64)
+        start = np.cumsum(lengths) - lengths
+        self._files, self._pid = {}, None
+        self._build(key, np.concatenate([acts[i] for i in chosen]),
+                    np.concatenate([sts[i] for i in chosen]) if state else None, start, start + lengths - 1,
+                    [eps[i][2] for i in chosen], [eps[i][3] for i in chosen], window, chunk, views, image_size,
+                    stats, norm_mode, few_shot, fraction, seed)
+        self.episodes = [self.episodes[i] for i in self.seg_keep]
+        if self.n_bad:
+            warnings.warn(f"HDF5Dataset skipped {self.n_bad} bad file(s)/episode(s) (skip_bad=True); first: {self.bad[0]}")
+
+    def _bad(self, msg, skip_bad):
+        if not skip_bad:
+            raise DataError(str(msg))
+        self.n_bad += 1
+        self.bad.append(str(msg))
+
+    def _load_frames(self, seg, frames):
+        import h5py
+
+        if self._pid != os.getpid():  # h5py handles must not cross a fork: reopen in each worker
+            self._files, self._pid = {}, os.getpid()
+        fi, name = self.episodes[seg]
+        if fi not in self._files:
+            self._files[fi] = h5py.File(self.paths[fi], "r")
+        lo = int(frames[0] - self.seg_start[seg])
+        try:
+            g = self._files[fi]["episodes"][name]
+            return {v: g["images"][v][lo:lo + len(frames)] for v in self.views}
+        except (OSError, KeyError) as e:
+            raise DataError(f"{self.paths[fi]} episode {name}: cannot read frames {lo}..{lo + len(frames) - 1} "
+                            f"({e}); was the file modified or damaged after the dataset was opened?") from e
+
+    def __getstate__(self):  # DataLoader workers get a copy without open file handles
+        d = dict(self.__dict__)
+        d["_files"], d["_pid"] = {}, None
+        return d
+
+
+def _read_hdf5_episode(g, views, with_state, where):
+    """Validate one episode group from its metadata and actions; return (actions (T, 7), state or None)."""
+    for k in ("instruction", "actions"):
+        if k not in g.attrs and k not in g:
+            raise DataError(f"{where}: missing '{k}'")
+    a = g["actions"][()]
+    images = {}
+    for v in views:
+        if f"images/{v}" not in g:
+            raise DataError(f"{where}: no images for view {v!r} (has {sorted(g['images']) if 'images' in g else []})")
+        images[v] = g["images"][v]  # h5py dataset: shape/dtype without reading pixels
+    s = None
+    if with_state:
+        if "state" not in g:
+            raise DataError(f"{where}: state=True but the episode has no 'state' dataset")
+        s = g["state"][()]
+    _check_episode_arrays(images, a, s, where)
+    return a.astype(np.float32), s
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 4b. CALVIN reader (the dataset exactly as distributed: one npz per 30 Hz frame)
+# -----------------------------------------------------------------------------------------------------------
+
+CALVIN_IMAGE_KEYS = {"static": "rgb_static", "wrist": "rgb_gripper"}  # (200, 200, 3) and (84, 84, 3) uint8
+CALVIN_ACTION_KEY = "rel_actions"  # (7,): [dxyz * 50, deuler * 20] clipped to [-1, 1], gripper -1 close / +1 open
+CALVIN_STATE_KEY, CALVIN_STATE_DIM = "robot_obs", 15  # tcp xyz, tcp euler, gripper width, 7 joints, gripper action
+
+
+def calvin_frame_path(split_dir, frame_id):
+    return Path(split_dir) / f"episode_{int(frame_id):07d}.npz"
+
+
+def load_calvin_annotations(split_dir):
+    """lang_annotations/auto_lang_ann.npy -> (segments (K, 2) inclusive frame ids, instructions, tasks)."""
+    split_dir = Path(split_dir)
+    path = split_dir / "lang_annotations" / "auto_lang_ann.npy"
+    if not path.exists() and (split_dir / "auto_lang_ann.npy").exists():  # fallback location the official code reads
+        path = split_dir / "auto_lang_ann.npy"
+    if not path.exists():
+        raise DataError(f"{path}: CALVIN language annotation file not found; windows are only built inside "
+                        f"annotated segments, so the split needs lang_annotations/auto_lang_ann.npy")
+    try:
+        ann = np.load(path, allow_pickle=True).item()
+        indx, instr, tasks = ann["info"]["indx"], ann["language"]["ann"], ann["language"]["task"]
+    except Exception as e:  # pickle, zip, key and type errors all mean the same thing here
+        raise DataError(f"{path}: not a CALVIN annotation dict with ['info']['indx'], ['language']['ann'] and "
+                        f"['language']['task'] ({type(e).__name__}: {e}); the file is corrupt or truncated") from e
+    if not len(indx) == len(instr) == len(tasks):
+        raise DataError(f"{path}: {len(indx)} segments but {len(instr)} instructions and {len(tasks)} task names; "
+                        f"the three lists must have one entry per annotation")
+    seg = np.asarray(indx, dtype=np.int64).reshape(-1, 2)
+    bad = np.nonzero(seg[:, 1] < seg[:, 0])[0]
+    if len(bad):
+        raise DataError(f"{path}: annotation #{bad[0]} has end {seg[bad[0], 1]} < start {seg[bad[0], 0]}")
+    return seg, [str(s) for s in instr], [str(t) for t in tasks]
+
+
+def _npz_member(zf, key):
+    """(shape, dtype, offset) of one array inside an npz, from its headers only (no pixel data read).
+
+    offset is where the raw array bytes start in the npz file when the member is stored uncompressed
+    (np.savez), else -1 (np.savez_compressed: must go through zipfile and inflate).
+    """
+    info = zf.getinfo(key + ".npy")
+    with zf.open(info) as fp:
+        version = np.lib.format.read_magic(fp)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(fp)
+        header_len = fp.tell()
+    if info.compress_type != zipfile.ZIP_STORED or fortran:
+        return shape, dtype, -1
+    zf.fp.seek(info.header_offset)
+    local = zf.fp.read(30)  # zip local file header: name and extra-field lengths at bytes 26-29
+    name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+    return shape, dtype, info.header_offset + 30 + name_len + extra_len + header_len
+
+
+def _npz_array(zf, key):
+    with zf.open(key + ".npy") as fp:
+        return np.lib.format.read_array(fp)
+
+
+def _scan_calvin_frame(path, views, image_shapes):
+    """One frame: rel_actions (7,), robot_obs (15,), raw-byte offsets of the view images (V,); checks
+    the image headers. Raises ValueError describing the problem."""
+    offsets = []
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = set(zf.namelist())
+            need = [CALVIN_ACTION_KEY, CALVIN_STATE_KEY] + [CALVIN_IMAGE_KEYS[v] for v in views]
+            missing = [k for k in need if k + ".npy" not in names]
+            if missing:
+                raise ValueError(f"missing arrays {missing} (has {sorted(n[:-4] for n in names)})")
+            a = _npz_array(zf, CALVIN_ACTION_KEY)
+            s = _npz_array(zf, CALVIN_STATE_KEY)
+            for v in views:
+                shape, dtype, offset = _npz_member(zf, CALVIN_IMAGE_KEYS[v])
+                if len(shape) != 3 or shape[-1] != 3 or dtype != np.uint8:
+                    raise ValueError(f"{CALVIN_IMAGE_KEYS[v]} must be uint8 (h, w, 3), found {dtype} {shape}")
+                if image_shapes.setdefault(v, shape) != shape:
+                    raise ValueError(f"{CALVIN_IMAGE_KEYS[v]} has shape {shape}, other frames have {image_shapes[v]}")
+                offsets.append(offset)
+    except FileNotFoundError:
+        raise ValueError("frame file is missing") from None
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as e:
+        raise ValueError(f"corrupt or truncated npz ({type(e).__name__}: {e})") from None
+    if a.shape != (ACTION_DIM,):
+        raise ValueError(f"{CALVIN_ACTION_KEY} must have shape ({ACTION_DIM},), found {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{CALVIN_ACTION_KEY} contains NaN/inf: {a.tolist()}")
+    if s.shape != (CALVIN_STATE_DIM,):
+        raise ValueError(f"{CALVIN_STATE_KEY} must have shape ({CALVIN_STATE_DIM},), found {s.shape}")
+    return a, s, offsets
+
+
+class CalvinDataset(WindowDataset):
+    """Windows from a CALVIN split (task_ABC_D, task_ABCD_D, task_D_D, calvin_debug_dataset) as distributed.
+
+    root/<split>/episode_%07d.npz, lang_annotations/auto_lang_ann.npy and ep_start_end_ids.npy. Only
+    language-annotated segments (inclusive (start, end) frame ids) give windows; actions are rel_actions.
+    Design (measured in benchmarks/bench_data.py): construction reads the small arrays (rel_actions,
+    robot_obs) of every annotated frame into memory once, checks every frame (corrupt npz, shapes, NaN/inf)
+    and records where each image's raw bytes sit inside its npz; a sample then reads just the H frames' image
+    bytes at those offsets (inflating through zipfile instead if the npz is compressed).
+    few_shot: k segments per task (seeded), or the official {task: [[start, end], ...]} dict / JSON file.
+    stats: required for split="validation" (pass the training split's .stats).
+    skip_bad: drop annotations touching a bad frame and count them in .n_bad instead of raising.
+    cache_dir: optional folder for the per-frame scan (a full CALVIN split has millions of frames).
+    cache_images: also keep every used frame, already resized to S, in uint8 memory-mapped arrays under
+      cache_dir (built once, resumable: 2 x 3 x S x S bytes per frame, 301 KB at S = 224). Decoding and resizing
+      dominate the default path; with the cache a sample is one contiguous memmap slice per view.
+      Build it once (e.g. on one rank) before starting several processes on it.
+    """
+
+    def __init__(self, root, split="training", window=16, chunk=10, views=VIEWS, image_size=224, stats=None,
+                 few_shot=None, fraction=None, key="calvin", seed=0, state=False, norm_mode="quantile",
+                 skip_bad=False, cache_dir=None, cache_images=False):
+        window, chunk, views, image_size = _check_window_args(window, chunk, views, image_size)
+        self.root, self.split_dir = Path(root), Path(root) / split
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: CALVIN root directory not found (expected e.g. .../task_D_D with "
+                            f"training/ and validation/ inside)")
+        if not self.split_dir.is_dir():
+            raise DataError(f"{self.split_dir}: split directory not found; {self.root} has "
+                            f"{sorted(p.name for p in self.root.iterdir() if p.is_dir())}")
+        if stats is None and split != "training":
+            raise DataError(f"{self.split_dir}: statistics come from the training split; pass "
+                            f"stats=CalvinDataset(root, 'training', ...).stats")
+        seg, instr, tasks = load_calvin_annotations(self.split_dir)
+        if isinstance(few_shot, (dict, str, Path)):  # the official list of (start, end) pairs per task
+            wanted = json.loads(Path(few_shot).read_text()) if isinstance(few_shot, (str, Path)) else few_shot
+            wanted = {(int(s), int(e)) for pairs in wanted.values() for s, e in pairs}
+            keep = [k for k in range(len(seg)) if (int(seg[k, 0]), int(seg[k, 1])) in wanted]
+            seg, instr, tasks, few_shot = seg[keep], [instr[k] for k in keep], [tasks[k] for k in keep], None
+        crossing = self._check_recordings(seg)
+        fids = np.unique(np.concatenate([np.arange(s, e + 1) for s, e in seg])) if len(seg) else np.zeros(0, int)
+        actions, robot_obs, self.offsets, bad, self.image_shapes = self._scan(fids, views, cache_dir)
+        self.with_state, self.n_bad, self.bad = bool(state), 0, []
+        ok = []
+        for k, (s, e) in enumerate(seg):
+            hit = [f for f in bad if s <= f <= e]
+            if k in crossing:
+                msg = (f"{self.split_dir / 'ep_start_end_ids.npy'}: annotation #{k} [{s}, {e}] {instr[k]!r} is not "
+                       f"inside one recording (its frames would jump across a reset)")
+            elif hit:
+                msg = (f"{calvin_frame_path(self.split_dir, hit[0])} (frame {hit[0]}, in annotation #{k} "
+                       f"[{s}, {e}] {instr[k]!r}): {bad[hit[0]]}")
+            else:
+                ok.append(k)
+                continue
+            if not skip_bad:
+                raise DataError(msg + "; pass skip_bad=True to skip and count such annotations")
+            self.n_bad += 1
+            self.bad.append(msg)
+        if not ok:
+            raise DataError(f"{self.split_dir}: no usable annotated segments")
+        if self.n_bad:
+            warnings.warn(f"CalvinDataset skipped {self.n_bad} annotation(s) with bad frames (skip_bad=True); "
+                          f"first: {self.bad[0]}")
+        seg = seg[ok]
+        self.frame_ids = fids  # (N,) global CALVIN frame id of each row
+        self._build(key, actions, robot_obs if state else None, np.searchsorted(fids, seg[:, 0]),
+                    np.searchsorted(fids, seg[:, 1]), [instr[k] for k in ok], [tasks[k] for k in ok], window,
+                    chunk, views, image_size, stats, norm_mode, few_shot, fraction, seed)
+        self._mm, self._cache = None, None
+        if cache_images:
+            if cache_dir is None:
+                raise ValueError("cache_images=True needs cache_dir=<a folder with room for the resized frames>")
+            self._build_image_cache(Path(cache_dir))
+
+    def _build_image_cache(self, cache_dir):
+        n, s = len(self.frame_ids), self.image_size
+        tag = hashlib.sha1(f"{self.split_dir.resolve()}|{s}".encode() + self.frame_ids.tobytes()).hexdigest()[:16]
+        self._cache = {v: cache_dir / f"calvin_images_{tag}_{v}_{s}.u8" for v in self.views}
+        need = np.zeros(n, bool)
+        for a, b in zip(self.seg_start, self.seg_end):
+            need[a:b + 1] = True
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for v, path in self._cache.items():
+            filled_path = path.with_suffix(".filled.npy")
+            filled = np.load(filled_path) if filled_path.exists() and path.exists() else np.zeros(n, bool)
+            todo = np.nonzero(need & ~filled)[0]
+            if not len(todo):
+                continue
+            mm = np.memmap(path, np.uint8, "r+" if path.exists() else "w+", shape=(n, 3, s, s))
+            for i in range(0, len(todo), 256):  # flush, then mark as filled: an interrupted build resumes
+                rows = todo[i:i + 256]
+                for j in range(0, len(rows), 32):
+                    mm[rows[j:j + 32]] = resize_images(self._load_frames(0, rows[j:j + 32], (v,))[v], s).numpy()
+                mm.flush()
+                filled[rows] = True
+                np.save(filled_path.with_suffix(".tmp.npy"), filled)
+                os.replace(filled_path.with_suffix(".tmp.npy"), filled_path)
+            del mm
+
+    def _images(self, seg, frames):
+        if self._cache is None:
+            return super()._images(seg, frames)
+        if self._mm is None:  # opened lazily: a memmap must not be pickled into DataLoader workers
+            shape = (len(self.frame_ids), 3, self.image_size, self.image_size)
+            self._mm = {v: np.memmap(p, np.uint8, "r", shape=shape) for v, p in self._cache.items()}
+        a, b = int(frames[0]), int(frames[-1]) + 1  # the H rows of a window are contiguous
+        return torch.from_numpy(np.stack([self._mm[v][a:b] for v in self.views], 1))  # (H, V, 3, S, S)
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_mm"] = None
+        return d
+
+    def _check_recordings(self, seg):
+        """Indices of annotations not inside one contiguous recording of ep_start_end_ids.npy (if present)."""
+        path = self.split_dir / "ep_start_end_ids.npy"
+        if not path.exists() or not len(seg):
+            return set()
+        try:
+            rec = np.asarray(np.load(path), dtype=np.int64).reshape(-1, 2)
+        except Exception as e:
+            raise DataError(f"{path}: unreadable ({type(e).__name__}: {e}); expected an int array (N, 2)") from e
+        rec = rec[np.argsort(rec[:, 0])]
+        j = np.searchsorted(rec[:, 0], seg[:, 0], side="right") - 1  # recording that starts at or before
+        return set(np.nonzero((j < 0) | (seg[:, 1] > rec[np.maximum(j, 0), 1]))[0].tolist())
+
+    def _scan(self, fids, views, cache_dir):
+        """Per annotated frame: rel_actions (N, 7), robot_obs (N, 15), image byte offsets (N, V) (-1: read through
+        zipfile), {frame id: problem}, {view: image shape}."""
+        cache = None
+        if cache_dir is not None:
+            ann = self.split_dir / "lang_annotations" / "auto_lang_ann.npy"
+            st = ann.stat() if ann.exists() else None
+            tag = f"v2|{self.split_dir.resolve()}|{st and (st.st_size, st.st_mtime_ns)}|{len(fids)}|{list(views)}"
+            cache = Path(cache_dir) / f"calvin_scan_{hashlib.sha1(tag.encode()).hexdigest()[:16]}.npz"
+            try:  # a missing, stale or unreadable cache is simply rebuilt
+                z = np.load(cache)
+                if np.array_equal(z["fids"], fids):
+                    shapes = {v: tuple(sh) for v, sh in zip(views, z["shapes"].tolist())}
+                    return (z["actions"], z["robot_obs"], z["offsets"],
+                            dict(zip(z["bad_ids"].tolist(), z["bad_msgs"].tolist())), shapes)
+            except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+                pass
+        actions = np.zeros((len(fids), ACTION_DIM), np.float32)
+        robot_obs = np.zeros((len(fids), CALVIN_STATE_DIM), np.float32)
+        offsets = np.full((len(fids), len(views)), -1, np.int64)
+        bad, shapes = {}, {}
+        for r, fid in enumerate(fids):
+            try:
+                actions[r], robot_obs[r], offsets[r] = _scan_calvin_frame(calvin_frame_path(self.split_dir, fid),
+                                                                          views, shapes)
+            except ValueError as e:
+                bad[int(fid)] = str(e)
+        if cache is not None and len(shapes) == len(views):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(cache.stem + ".tmp.npz")
+            np.savez(tmp, fids=fids, actions=actions, robot_obs=robot_obs, offsets=offsets,
+                     shapes=np.array([shapes[v] for v in views]), bad_ids=np.asarray(list(bad), dtype=np.int64),
+                     bad_msgs=np.asarray(list(bad.values()), dtype=str))
+            os.replace(tmp, cache)
+        return actions, robot_obs, offsets, bad, shapes
+
+    def _load_frames(self, seg, frames, views=None):
+        views = views or self.views
+        out = {v: np.empty((len(frames), *self.image_shapes[v]), np.uint8) for v in views}  # (H, h, w, 3) each
+        split_dir = str(self.split_dir)
+        for i, (r, fid) in enumerate(zip(frames, self.frame_ids[frames])):
+            path = os.path.join(split_dir, f"episode_{fid:07d}.npz")
+            try:
+                if (self.offsets[r] >= 0).all():  # stored npz: read the raw bytes where the scan found them
+                    fd = os.open(path, os.O_RDONLY)
+                    try:
+                        for v in views:  # straight into the output array, no intermediate copy
+                            n = os.preadv(fd, [out[v][i]], int(self.offsets[r, self.views.index(v)]))
+                            if n != out[v][i].nbytes:
+                                raise EOFError(f"read {n} of {out[v][i].nbytes} bytes")
+                    finally:
+                        os.close(fd)
+                else:
+                    with zipfile.ZipFile(path) as zf:
+                        for v in views:
+                            out[v][i] = _npz_array(zf, CALVIN_IMAGE_KEYS[v])
+            except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError) as e:
+                raise DataError(f"{path} (frame {fid}): cannot read images ({type(e).__name__}: {e}); "
+                                f"did the file change after the dataset was indexed?") from e
+        return out
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 4c. Mixtures (§II-E co-training)
+# -----------------------------------------------------------------------------------------------------------
+
+class MixtureDataset(torch.utils.data.Dataset):
+    """Several datasets sampled with weights; each sample keeps its own dataset's key and normalization.
+
+    MixtureDataset([(calvin, 1.0), (hdf5, 0.5)], length=None, seed=0): index i maps to (dataset k, window j)
+    through a table drawn once: k ~ weights, and each dataset's windows are visited in a seeded permuted
+    cycle, so a map-style sampler (random or DistributedSampler) sees the weighted mixture. Call
+    .resample(seed) between epochs for a fresh draw. length defaults to the sum of the datasets' lengths.
+    """
+
+    def __init__(self, datasets_and_weights, length=None, seed=0):
+        pairs = list(datasets_and_weights)
+        if not pairs:
+            raise ValueError("MixtureDataset needs at least one (dataset, weight) pair")
+        self.datasets = [d for d, _ in pairs]
+        w = np.asarray([float(w) for _, w in pairs])
+        if (w < 0).any() or w.sum() <= 0 or not np.isfinite(w).all():
+            raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {w.tolist()}")
+        self.weights = w / w.sum()
+        first = self.datasets[0]
+        for d in self.datasets:
+            if len(d) == 0:
+                raise DataError(f"dataset {d.key!r} in the mixture has no windows")
+            same = (d.window, d.chunk, tuple(d.views), d.image_size, d.with_state)
+            if same != (first.window, first.chunk, tuple(first.views), first.image_size, first.with_state):
+                raise ValueError(f"dataset {d.key!r} gives windows (H, L, views, size, state) = {same}, but "
+                                 f"{first.key!r} gives {(first.window, first.chunk, first.views, first.image_size, first.with_state)}; "
+                                 f"batches need one shape: build all datasets with the same arguments")
+        self._stats = {}
+        for d in self.datasets:
+            if d.key in self._stats and self._stats[d.key] != d.stats:
+                raise ValueError(f"two datasets share the key {d.key!r} but have different statistics; give "
+                                 f"each a unique key=...")
+            self._stats[d.key] = d.stats
+        self.length = int(length) if length is not None else sum(len(d) for d in self.datasets)
+        self.window, self.chunk, self.views, self.image_size = first.window, first.chunk, first.views, first.image_size
+        self.with_state = first.with_state
+        self.resample(seed)
+
+    def resample(self, seed):
+        rng = np.random.default_rng(seed)
+        self.which = rng.choice(len(self.datasets), size=self.length, p=self.weights)  # (length,) dataset index
+        self.inner = np.zeros(self.length, dtype=np.int64)  # (length,) window index inside that dataset
+        for k, d in enumerate(self.datasets):
+            slots = np.nonzero(self.which == k)[0]
+            reps = -(-len(slots) // len(d))  # ceil
+            cycle = np.concatenate([rng.permutation(len(d)) for _ in range(max(reps, 1))])
+            self.inner[slots] = cycle[:len(slots)]
+
+    @property
+    def stats_by_key(self):
+        return dict(self._stats)
+
+    @property
+    def stats(self):
+        raise AttributeError("a MixtureDataset has one set of statistics per dataset: use .stats_by_key")
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        return self.datasets[self.which[i]][int(self.inner[i])]
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 5. DataLoader (workers, DistributedSampler)
+# -----------------------------------------------------------------------------------------------------------
+
+def _seed_worker(worker_id):
+    seed = torch.initial_seed() % 2 ** 32  # torch gives every worker its own seed; pass it on to numpy
+    np.random.seed(seed)
+
+
+def make_dataloader(dataset, batch_size, num_workers=0, shuffle=True, drop_last=True, distributed=None, seed=0,
+                    pin_memory=None, num_replicas=None, rank=None):
+    """DataLoader over windows. distributed=None: use a DistributedSampler when torch.distributed is initialized.
+
+    With a DistributedSampler call loader.sampler.set_epoch(epoch) at every epoch (as torch requires).
+    Workers are not persistent, so a MixtureDataset.resample(epoch) between epochs reaches them.
+    """
+    if distributed is None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    sampler = None
+    if distributed:
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=num_replicas, rank=rank,
+                                                      shuffle=shuffle, seed=seed, drop_last=drop_last)
+    elif shuffle:
+        sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, shuffle=False if sampler is None else None,
+        num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory, worker_init_fn=_seed_worker,
+        prefetch_factor=2 if num_workers > 0 else None)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Command line: check a dataset and write its statistics
+# -----------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    """python data.py PATH [...]: validate a CALVIN root or HDF5 file(s), print counts, optionally save stats."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("paths", nargs="+", help="a CALVIN root (with training/) or one or more HDF5 episode files")
+    p.add_argument("--split", default="training", help="CALVIN split folder")
+    p.add_argument("--window", type=int, default=16)
+    p.add_argument("--chunk", type=int, default=10)
+    p.add_argument("--views", default="static,wrist")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad episodes instead of stopping")
+    p.add_argument("--cache-dir", default=None, help="CALVIN: keep the per-frame scan here")
+    p.add_argument("--stats-out", default=None, help="write {dataset_key: stats} JSON here")
+    args = p.parse_args(argv)
+    views = tuple(v for v in args.views.split(",") if v)
+    if len(args.paths) == 1 and Path(args.paths[0]).is_dir():
+        ds = CalvinDataset(args.paths[0], args.split, args.window, args.chunk, views, skip_bad=args.skip_bad,
+                           cache_dir=args.cache_dir)
+        extra = f"{len(ds.frame_ids)} annotated frames"
+    else:
+        ds = HDF5Dataset(args.paths, args.window, args.chunk, views, skip_bad=args.skip_bad)
+        extra = f"{ds.n_incomplete} incomplete (interrupted) episodes ignored"
+    print(f"dataset {ds.key!r}: {len(ds.seg_start)} segments, {len(ds)} windows (H={ds.window}, L={ds.chunk}), "
+          f"{ds.n_short} segments shorter than H, {ds.n_bad} bad skipped, {extra}")
+    for msg in ds.bad[:10]:
+        print("  bad:", msg)
+    print("action q01:", np.round(ds.stats["q01"], 4).tolist())
+    print("action q99:", np.round(ds.stats["q99"], 4).tolist())
+    if args.stats_out:
+        save_stats(ds.stats_by_key, args.stats_out)
+        print("statistics written to", args.stats_out)
+    return ds
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,495 @@
+"""Pretrained VLM families (backbones.py, "pretrained families"): numerical parity with `transformers`.
+
+Each test builds a tiny random model with transformers (the oracle pinned in requirements-dev.txt), saves it
+with save_pretrained (safetensors) to tmp_path, loads that folder with backbones.load_vlm (no transformers
+involved) and compares the LM logits for the same inputs in fp32. New configurations can be checked with
+compare_with_transformers(family, hf_config_overrides, seed).
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+import backbones
+
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is the numerical oracle for the pretrained backbones; "
+                           "install it with `pip install -r requirements-dev.txt`")
+
+VOCAB = 128
+IMAGE_TOKEN = 100  # LLaVA / PaliGemma placeholder id in the tiny vocabularies
+
+
+def hf_config(family, overrides):
+    """A tiny transformers config of `family`. overrides: {"vision": {...}, "text": {...}, other top-level keys}."""
+    ov = dict(overrides)
+    vis = {**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+                  patch_size=14), **ov.pop("vision", {})}
+    txt = ov.pop("text", {})
+    if family == "kosmos-2":
+        txt = {**dict(vocab_size=VOCAB, embed_dim=32, layers=2, attention_heads=4, ffn_dim=64,
+                      max_position_embeddings=128), **txt}
+        return transformers.Kosmos2Config(text_config=txt, vision_config=vis, **{"latent_query_num": 8, **ov})
+    if family == "paligemma":
+        txt = {**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=1, head_dim=8, vocab_size=VOCAB), **txt}
+        return transformers.PaliGemmaConfig(text_config=txt, vision_config=vis, projection_dim=txt["hidden_size"],
+                                            **{"image_token_index": IMAGE_TOKEN, **ov})
+    if family == "llava":
+        txt = {**dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB), **txt}
+        return transformers.LlavaConfig(text_config=txt, vision_config=dict(vis, model_type="clip_vision_model"),
+                                        **{"image_token_index": IMAGE_TOKEN, **ov})
+    raise ValueError(family)
+
+
+def hf_model(family, overrides, seed):
+    """Tiny random transformers model; every weight is perturbed so norms/biases are not at their init values."""
+    torch.manual_seed(seed)
+    cls = {"kosmos-2": transformers.Kosmos2ForConditionalGeneration,
+           "paligemma": transformers.PaliGemmaForConditionalGeneration,
+           "llava": transformers.LlavaForConditionalGeneration}[family]
+    model = cls._from_config(hf_config(family, overrides), attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def hf_inputs(family, model, n_image_tokens, batch=2, n_text=7, seed=0, padding="right", prefix_lm=True):
+    """The tensors the transformers model takes, laid out as each processor does; row 1 has 2 padding tokens."""
+    g = torch.Generator().manual_seed(seed)
+    S = model.config.vision_config.image_size
+    pixels = torch.randn(batch, 3, S, S, generator=g)
+    text = torch.randint(5, 90, (batch, n_text), generator=g)
+    extra = {}
+    if family == "kosmos-2":  # <s> <image> 64 x placeholder </image> text (placeholders are ids 4..)
+        img = torch.arange(4, 4 + n_image_tokens).expand(batch, -1)
+        ids = torch.cat([torch.full((batch, 1), 0), torch.full((batch, 1), 93), img, torch.full((batch, 1), 94),
+                         text], 1)
+        extra["image_embeds_position_mask"] = torch.zeros_like(ids)
+        extra["image_embeds_position_mask"][:, 2:2 + n_image_tokens] = 1
+        pad_id = 1
+    elif family == "paligemma":  # 256 x <image> <bos> prompt [suffix]; token_type_ids 1 on the suffix
+        ids = torch.cat([torch.full((batch, n_image_tokens), IMAGE_TOKEN), torch.full((batch, 1), 2), text], 1)
+        if prefix_lm:
+            extra["token_type_ids"] = torch.zeros_like(ids)
+            extra["token_type_ids"][:, -3:] = 1
+            extra["labels"] = ids.clone()  # with token_type_ids: transformers' training (prefix-LM) mask
+        pad_id = 0
+    else:  # <s> <image> x n text
+        ids = torch.cat([torch.full((batch, 1), 1), torch.full((batch, n_image_tokens), IMAGE_TOKEN), text], 1)
+        pad_id = 0
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        if padding == "right":
+            ids[1, -2:], mask[1, -2:] = pad_id, 0
+        else:  # left padding: shift row 1 right by 2 (Kosmos-2 only: positions are counted from the ids)
+            ids[1] = torch.cat([torch.full((2,), pad_id), ids[1, :-2]])
+            mask[1, :2] = 0
+            for k in ("image_embeds_position_mask",):
+                extra[k][1] = torch.cat([torch.zeros(2, dtype=torch.long), extra[k][1, :-2]])
+    return dict(input_ids=ids, pixel_values=pixels, attention_mask=mask, **extra)
+
+
+def compare_with_transformers(family, hf_config_overrides, seed, folder=None, **input_kw):
+    """Max |logit difference| over real (unpadded) tokens between transformers and backbones.load_vlm
+    on the same saved tiny checkpoint and the same inputs (fp32)."""
+    import tempfile
+    if folder is None:
+        with tempfile.TemporaryDirectory(prefix="bb_parity_") as tmp:
+            return compare_with_transformers(family, hf_config_overrides, seed, tmp, **input_kw)
+    model = hf_model(family, hf_config_overrides, seed)
+    model.save_pretrained(folder, safe_serialization=True)
+    vlm = backbones.load_vlm(str(folder))
+    n_image = vlm.n_image_tokens - 2 * (vlm.image_boundary is not None)  # Kosmos-2 <image>...</image> excluded
+    inputs = hf_inputs(family, model, n_image, seed=seed, **input_kw)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        ours = vlm.lm_logits(**inputs)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    real = inputs["attention_mask"].bool()
+    assert ref[real].abs().max() > 0.1  # the comparison is not between two near-zero tensors
+    return (ref[real] - ours[real]).abs().max().item()
+
+
+PARITY_CASES = [
+    ("kosmos-2", {}, {}),
+    ("kosmos-2", {"text": dict(layers=3, attention_heads=2), "vision": dict(num_hidden_layers=1)}, {}),
+    ("kosmos-2", {"latent_query_num": 4, "vision": dict(image_size=42)}, {"padding": "left"}),
+    ("paligemma", {}, {}),  # multi-query attention (1 KV head), prefix-LM mask
+    ("paligemma", {"text": dict(num_key_value_heads=2, num_hidden_layers=3)}, {"prefix_lm": False}),
+    ("paligemma", {"text": dict(num_key_value_heads=4), "vision": dict(image_size=42)}, {}),
+    ("llava", {}, {}),  # grouped-query attention (2 KV heads), CLIP layer -2 without CLS
+    ("llava", {"text": dict(num_key_value_heads=4, num_hidden_layers=3), "vision": dict(num_hidden_layers=3)}, {}),
+    ("llava", {"vision_feature_layer": -1, "vision_feature_select_strategy": "full",
+               "text": dict(tie_word_embeddings=True)}, {}),
+]
+
+
+@pytest.mark.parametrize("family,overrides,input_kw", PARITY_CASES)
+def test_logits_match_transformers(family, overrides, input_kw, tmp_path):
+    diff = compare_with_transformers(family, overrides, seed=len(str(overrides)), folder=tmp_path, **input_kw)
+    assert diff <= 1e-4, f"{family} {overrides}: max |logit diff| {diff:.3g}"
+
+
+@pytest.mark.parametrize("family", ["kosmos-2", "paligemma", "llava"])
+def test_last_hidden_states_match_transformers(family, tmp_path):
+    """The backbone interface returns last-layer hidden states (after the final norm): compare them directly."""
+    model = hf_model(family, {}, 7)
+    model.save_pretrained(tmp_path)
+    vlm = backbones.load_vlm(str(tmp_path))
+    inputs = hf_inputs(family, model, vlm.n_image_tokens, seed=7)
+    with torch.no_grad():
+        if family == "kosmos-2":  # the text model's last hidden_states entry is taken after its final LayerNorm
+            ref = model(**inputs, output_hidden_states=True).hidden_states[-1]
+        else:
+            ref = model.model(**inputs).last_hidden_state
+        ours = vlm._hf_forward(**inputs)
+    real = inputs["attention_mask"].bool()
+    assert (ref[real] - ours[real]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["paligemma", "llava"])
+def test_image_features_match_transformers(family, tmp_path):
+    model = hf_model(family, {}, 1)
+    model.save_pretrained(tmp_path)
+    vlm = backbones.load_vlm(str(tmp_path))
+    px = torch.randn(3, 3, 28, 28)
+    with torch.no_grad():
+        ref = model.get_image_features(px)  # PaliGemma: already / sqrt(d); ours are x sqrt(d) afterwards
+        ref = torch.stack(list(ref)) if isinstance(ref, (list, tuple)) else ref  # LLaVA: one tensor per image
+        ours = vlm.encode_images(px) / vlm.lm.embed_scale
+    assert ours.shape == ref.shape
+    assert (ours - ref).abs().max() < 1e-5
+
+
+def test_sharded_checkpoint_and_bf16(tmp_path):
+    model = hf_model("llava", {}, 2)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    vlm = backbones.load_vlm(str(tmp_path))
+    inputs = hf_inputs("llava", model, vlm.n_image_tokens)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        assert (vlm.lm_logits(**inputs) - ref)[inputs["attention_mask"].bool()].abs().max() < 1e-4
+        half = backbones.load_vlm(str(tmp_path), dtype=torch.bfloat16)
+        assert half.lm.embed_tokens.weight.dtype == torch.bfloat16
+        out = half.lm_logits(**inputs).float()
+    assert torch.isfinite(out).all()
+    assert (out - ref)[inputs["attention_mask"].bool()].abs().max() < 0.1 * ref.abs().max()
+
+
+@pytest.mark.parametrize("family", ["kosmos-2", "paligemma", "llava"])
+def test_kv_cache_and_interface(family, tmp_path):
+    """forward over a prefix then one token at a time with the cache == one full causal forward."""
+    hf_model(family, {}, 3).save_pretrained(tmp_path)
+    vlm = backbones.load_vlm(str(tmp_path))
+    img = vlm.encode_images(torch.randn(2, 3, vlm.image_size, vlm.image_size))  # (2, T_img, d)
+    assert img.shape == (2, vlm.n_image_tokens, vlm.hidden_size)
+    x = torch.cat([img, vlm.embed_tokens(torch.randint(5, 90, (2, 5)))], 1)
+    pos = torch.arange(x.shape[1]).expand(2, -1)
+    with torch.no_grad():
+        full, cache = vlm(x, pos)
+        assert len(cache) == vlm.n_layers and cache[0][0].shape[1:] == (vlm.n_kv_heads, x.shape[1], vlm.head_dim)
+        h, cache = vlm(x[:, :-3], pos[:, :-3])
+        steps = [h]
+        for t in range(x.shape[1] - 3, x.shape[1]):
+            h, cache = vlm(x[:, t:t + 1], pos[:, t:t + 1], cache)
+            steps.append(h)
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+    assert vlm.lm_logits(full).shape == (2, x.shape[1], vlm.vocab_size)
+    groups = vlm.trainable_groups()
+    ids = {id(p) for g in groups.values() for p in g}
+    assert ids == {id(p) for p in vlm.parameters()}  # every parameter belongs to exactly one group...
+    assert sum(len(g) for g in groups.values()) == len(ids)  # ...and only one
+
+
+@pytest.mark.parametrize("name", sorted(backbones.TINY_FAMILIES))
+def test_tiny_presets_follow_the_interface(name):
+    bb = backbones.build_backbone(name, image_size=32)
+    assert bb.image_size == 32 and bb.vocab_size >= bb.tokenizer.vocab_size
+    ids = torch.tensor([bb.tokenizer.encode(bb.prompt("open the drawer"))])
+    x = torch.cat([bb.encode_images(torch.randn(1, 3, 32, 32)), bb.embed_tokens(ids)], 1)
+    hidden, cache = bb(x, torch.arange(x.shape[1])[None])
+    assert hidden.shape == (1, x.shape[1], bb.hidden_size) and len(cache) == bb.n_layers
+    q = torch.randn(1, bb.n_heads, x.shape[1], bb.head_dim)
+    assert bb.rope(q, torch.arange(x.shape[1])[None]).shape == q.shape
+
+
+# ---- bad input: clear errors, nothing half-loaded ----
+
+@pytest.fixture(scope="module")
+def saved_paligemma(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pg")
+    hf_model("paligemma", {}, 4).save_pretrained(d)
+    return d
+
+
+def _copy(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite_safetensors(folder, edit):
+    from safetensors.torch import load_file, save_file
+    fn = os.path.join(folder, "model.safetensors")
+    tensors = load_file(fn)
+    edit(tensors)
+    save_file(tensors, fn, metadata={"format": "pt"})
+
+
+def test_missing_files_and_unknown_type(saved_paligemma, tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        backbones.load_vlm(str(tmp_path))
+    d = _copy(saved_paligemma, tmp_path / "a")
+    os.remove(d / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        backbones.load_vlm(str(d))
+    d = _copy(saved_paligemma, tmp_path / "b")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(cfg, model_type="qwen_vl")))
+    with pytest.raises(ValueError, match="unknown model_type 'qwen_vl'"):
+        backbones.load_vlm(str(d))
+
+
+def test_missing_unexpected_and_misshapen_keys(saved_paligemma, tmp_path):
+    d = _copy(saved_paligemma, tmp_path / "a")
+    _rewrite_safetensors(d, lambda t: t.pop(next(k for k in t if k.endswith("layers.1.mlp.down_proj.weight"))))
+    with pytest.raises(ValueError, match=r"missing .*lm\.layers\.1\.mlp\.fc2\.weight"):
+        backbones.load_vlm(str(d))
+    d = _copy(saved_paligemma, tmp_path / "b")
+    _rewrite_safetensors(d, lambda t: t.update({"language_model.model.extra.weight": torch.zeros(2)}))
+    with pytest.raises(ValueError, match="extra.weight"):
+        backbones.load_vlm(str(d))
+    d = _copy(saved_paligemma, tmp_path / "c")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["text_config"]["intermediate_size"] = 48
+    (d / "config.json").write_text(json.dumps(cfg))
+    shapes = r"has shape \((64, 32|32, 64)\), expected \((48, 32|32, 48)\)"
+    with pytest.raises(ValueError, match=r"mlp\.\w+_proj\.weight' .* " + shapes):
+        backbones.load_vlm(str(d))
+
+
+def test_truncated_file(saved_paligemma, tmp_path):
+    d = _copy(saved_paligemma, tmp_path / "a")
+    fn = d / "model.safetensors"
+    fn.write_bytes(fn.read_bytes()[: fn.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        backbones.load_vlm(str(d))
+
+
+# ---- tokenizers: against transformers' sentencepiece tokenizers on a sentencepiece model trained here ----
+
+LINES = ["open the drawer and pick up the red block", "push the blue block to the left",
+         "turn on the light bulb", "An image of a robot arm on a table", "What action should the robot take?"] * 10
+
+
+def _train_spm(path, **ids):
+    import sentencepiece as spm
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(LINES), model_prefix=str(path), model_type="bpe",
+                                   vocab_size=330 if ids.get("byte_fallback") else 90, character_coverage=1.0,
+                                   hard_vocab_limit=False, num_threads=1, minloglevel=2, **ids)
+    return str(path) + ".model"
+
+
+TEXTS = ["open the drawer", "<grounding>An image of a robot push the block", "turn ON the lamp zq!",
+         "<image>what action?\n", ""]
+
+
+@pytest.mark.parametrize("family", ["kosmos-2", "paligemma", "llava"])
+def test_tokenizer_matches_transformers(family, tmp_path):
+    if family == "kosmos-2":  # XLM-R layout: spm <unk>=0 <s>=1 </s>=2
+        sp = _train_spm(tmp_path / "sp", unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+        hf = transformers.XLMRobertaTokenizer(sp)
+    elif family == "paligemma":
+        sp = _train_spm(tmp_path / "sp", pad_id=0, eos_id=1, bos_id=2, unk_id=3, byte_fallback=True,
+                        bos_piece="<bos>", eos_piece="<eos>")  # Gemma's piece names
+        hf = transformers.GemmaTokenizer(sp)
+    else:
+        sp = _train_spm(tmp_path / "sp", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True)
+        hf = transformers.LlamaTokenizer(sp, legacy=True)
+    hf.add_tokens(["<image>", "</image>", "<grounding>"], special_tokens=True)
+    folder = tmp_path / "model"
+    hf.save_pretrained(folder)
+    ours = backbones.load_family_tokenizer(str(folder), family)
+    assert ours is not None and ours.vocab_size == len(hf)
+    assert (ours.bos_id, ours.eos_id) == (hf.bos_token_id, hf.eos_token_id)
+    for text in TEXTS:
+        ref = hf(text, add_special_tokens=False).input_ids
+        assert ours.encode(text) == ref, text
+        assert ours.decode(ref).strip() == hf.decode(ref, skip_special_tokens=True).strip(), text
+
+
+def test_vla_on_a_hugging_face_folder(tmp_path):
+    """The user flow: a Kosmos-2 folder (weights + sentencepiece tokenizer) as --backbone, train step, checkpoint,
+    Policy.from_pretrained, act."""
+    import numpy as np
+    import vla
+    model = hf_model("kosmos-2", {"vision": dict(image_size=56)}, 5)
+    folder = tmp_path / "kosmos"
+    model.save_pretrained(folder)
+    sp = _train_spm(tmp_path / "sp", unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    tok = transformers.XLMRobertaTokenizer(sp)
+    tok.add_tokens(["<image>", "</image>", "<grounding>"], special_tokens=True)
+    tok.save_pretrained(folder)
+    c = vla.VLAConfig.tiny(backbone=str(folder), image_size=56, formulation="policy_head")
+    policy_net = vla.VLA(c)
+    bb = policy_net.backbone
+    assert isinstance(bb, backbones.PretrainedVLM) and bb.image_boundary == (tok.convert_tokens_to_ids("<image>"),
+                                                                           tok.convert_tokens_to_ids("</image>"))
+    img = bb.encode_images(torch.randn(1, 3, 56, 56))  # <image> 8 latents </image>, as Kosmos-2 was pretrained
+    assert img.shape[1] == bb.n_image_tokens == 10
+    assert torch.equal(img[0, 0], bb.embed_tokens(torch.tensor(bb.image_boundary[0])))
+    H, L, V = c.window, c.chunk, len(c.views)
+    batch = {"images": torch.randint(0, 255, (2, H, V, 3, 56, 56), dtype=torch.uint8),
+             "actions": torch.rand(2, H, L, 7) * 2 - 1, "action_mask": torch.ones(2, H, L, dtype=torch.bool),
+             "instruction": ["open the drawer", "push the block"]}
+    loss, _ = policy_net(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and policy_net.backbone.lm.layers[0].attn.q_proj.weight.grad is not None
+    stats = {"d": {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mean": [0.0] * 7, "std": [1.0] * 7, "min": [-1.0] * 7,
+                   "max": [1.0] * 7}}
+    vla.save_checkpoint(tmp_path / "run", policy_net, stats)
+    policy = vla.Policy.from_pretrained(tmp_path / "run", dataset_key="d")
+    obs = {"static": np.zeros((60, 60, 3), np.uint8), "wrist": np.zeros((60, 60, 3), np.uint8)}
+    assert policy.act(obs, "open the drawer").shape == (7,)
+
+
+# ---- perceiver resampler (LLaVA + resampler, Flamingo-style): against transformers' IDEFICS resampler ----
+
+def test_perceiver_resampler_matches_idefics():
+    from transformers.models.idefics.perceiver import IdeficsPerceiverResampler
+    d, depth, heads, head_dim, n_lat = 32, 2, 4, 8, 6
+    cfg = transformers.IdeficsConfig(vision_config=dict(embed_dim=d), perceiver_config=dict(
+        qk_layer_norms_perceiver=False))
+    torch.manual_seed(0)
+    ref = IdeficsPerceiverResampler(cfg, d, depth, heads, head_dim, n_lat).eval()
+    ours = backbones.PerceiverResampler(d, depth, heads, head_dim, n_lat, act="relu").eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    names = {"context_layer_norm": "norm_media", "latents_layer_norm": "norm_latents", "q_proj": "attn.q_proj",
+             "k_proj": "attn.k_proj", "v_proj": "attn.v_proj", "output_proj": "attn.o_proj", "ln": "ff_norm",
+             "fc": "ff.fc1", "c_proj": "ff.fc2"}
+    sd = {}
+    for k, v in ref.state_dict().items():  # blocks.{i}.{0 attn | 1 mlp}.{name}.{weight|bias} -> layers.{i}.{ours}
+        parts = k.split(".")
+        if parts[0] == "blocks":
+            k = ".".join(["layers", parts[1], names[parts[3]], parts[4]])
+        elif parts[0] == "layer_norm":
+            k = "norm." + parts[1]
+        sd[k] = v
+    ours.load_state_dict(sd, strict=True)
+    x = torch.randn(3, 10, d)
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max() < 1e-5
+    assert ours(x).shape == (3, n_lat, d)
+
+
+def test_resampler_option_on_a_loaded_backbone(tmp_path):
+    hf_model("llava", {}, 6).save_pretrained(tmp_path)
+    bb = backbones.build_backbone(str(tmp_path), resampler=4)
+    tok = bb.encode_images(torch.randn(2, 3, 28, 28))
+    assert tok.shape == (2, 4, bb.hidden_size) and bb.n_image_tokens == 4
+    tok.sum().backward()
+    assert bb.resampler.latents.grad is not None
+    assert not any(p is bb.resampler.latents for g in bb.trainable_groups().values() for p in g)  # always trains
+
+
+# ---- Flamingo-style: gated cross-attention semantics (no in-library oracle for the whole model) ----
+
+def _flamingo_inputs(bb, T=10):
+    g = torch.Generator().manual_seed(0)
+    x = bb.embed_tokens(torch.randint(3, 400, (2, T), generator=g))
+    return x, torch.arange(T).expand(2, -1)
+
+
+def test_flamingo_gates_at_zero_leave_the_lm_unchanged():
+    bb = backbones.build_backbone("tiny-flamingo", image_size=32)
+    x, pos = _flamingo_inputs(bb)
+    media = bb.encode_images(torch.randn(2, 3, 32, 32))
+    assert media.shape == (2, bb.n_image_tokens, 64)
+    with torch.no_grad():
+        plain, _ = bb(x, pos)
+        gated, _ = bb(x, pos, media=media)
+        assert torch.equal(plain, gated)
+        for blk in bb.xattn.values():  # open the gates: the media now change the output
+            blk.attn_gate.fill_(1.0), blk.ff_gate.fill_(1.0)
+        assert (bb(x, pos, media=media)[0] - plain).abs().max() > 1e-3
+
+
+def test_flamingo_text_attends_only_to_the_immediately_preceding_image():
+    """At the gated cross-attention: image 0 at position 2, image 1 at position 6. Changing image 0 changes
+    tokens 2..5 only; tokens 0..1 (before any image) are left exactly as they were."""
+    torch.manual_seed(0)
+    blk = backbones.GatedCrossAttention(32, 16, heads=4, head_dim=8)
+    with torch.no_grad():
+        blk.attn_gate.fill_(1.0), blk.ff_gate.fill_(1.0)
+    x, pos = torch.randn(2, 10, 32), torch.arange(10).expand(2, -1)
+    media, media_pos = torch.randn(2, 2, 5, 16), torch.tensor([[2, 6], [2, 6]])
+    changed = media.clone()
+    changed[:, 0] += 1.0
+    with torch.no_grad():
+        base = blk(x, media, media_pos, pos)
+        diff = (blk(x, changed, media_pos, pos) - base).abs().amax(-1)  # (2, T)
+        one = blk(x[:, 6:], media[:, 1])  # a single image seen by every token == image 1 for tokens 6..
+    assert diff[:, 2:6].min() > 1e-4 and diff[:, 6:].max() == 0 and diff[:, :2].max() == 0
+    assert torch.equal(base[:, :2], x[:, :2])
+    assert (one - base[:, 6:]).abs().max() < 1e-6
+
+
+def test_vla_with_tiny_flamingo():
+    import vla
+    c = vla.VLAConfig.tiny(backbone="tiny-flamingo", image_size=32, formulation="policy_head")
+    net = vla.VLA(c)
+    H, L, V = c.window, c.chunk, len(c.views)
+    batch = {"images": torch.randint(0, 255, (2, H, V, 3, 32, 32), dtype=torch.uint8),
+             "actions": torch.rand(2, H, L, 7) * 2 - 1, "action_mask": torch.ones(2, H, L, dtype=torch.bool),
+             "instruction": ["open the drawer", "push the block"]}
+    loss, _ = net(batch)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert next(iter(net.backbone.xattn.values())).attn_gate.grad is not None  # the gates learn
+
+
+# ---- released sizes, on the meta device (no memory): every transformers weight maps onto ours, same shape ----
+
+RELEASED = {
+    "kosmos-2": dict(),  # microsoft/kosmos-2-patch14-224: the library defaults are the released model
+    "paligemma": dict(  # google/paligemma-3b-pt-224 config.json
+        text_config=dict(model_type="gemma", hidden_size=2048, intermediate_size=16384, num_attention_heads=8,
+                         num_hidden_layers=18, num_key_value_heads=1, vocab_size=257216),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                           num_attention_heads=16, num_hidden_layers=27, patch_size=14, projection_dim=2048,
+                           vision_use_head=False),
+        projection_dim=2048, hidden_size=2048, image_token_index=257152),
+    "llava": dict(text_config=dict(model_type="llama", vocab_size=32064), image_token_index=32000),  # 1.5-7b-hf
+}
+
+
+@pytest.mark.parametrize("family", sorted(RELEASED))
+def test_released_architectures_map_key_for_key(family):
+    cls = {"kosmos-2": (transformers.Kosmos2Config, transformers.Kosmos2ForConditionalGeneration),
+           "paligemma": (transformers.PaliGemmaConfig, transformers.PaliGemmaForConditionalGeneration),
+           "llava": (transformers.LlavaConfig, transformers.LlavaForConditionalGeneration)}[family]
+    cfg = cls[0](**RELEASED[family])
+    with torch.device("meta"):
+        ref = cls[1]._from_config(cfg)
+        ours = backbones.PretrainedVLM(json.loads(cfg.to_json_string()))
+    params = dict(ours.named_parameters())
+    used = set()
+    for key, t in ref.state_dict().items():
+        mine = backbones.checkpoint_key_to_ours(key)
+        if backbones._unused_checkpoint_key(ours, mine):
+            continue
+        assert mine in params, f"{key} -> {mine} has no parameter"
+        assert params[mine].shape == t.shape, key
+        used.add(mine)
+    assert used == set(params)
+    n = sum(p.numel() for p in params.values()) / 1e9
+    assert {"kosmos-2": 1.5 < n < 1.8, "paligemma": 2.8 < n < 3.0, "llava": 6.9 < n < 7.2}[family], n

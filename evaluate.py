@@ -25,6 +25,7 @@ import json
 import multiprocessing as mp
 import shutil
 import time
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,11 @@ def _pick_gl_backend():
         os.environ["MUJOCO_GL"] = "egl" if has_gpu else "osmesa"
         if os.environ["MUJOCO_GL"] == "osmesa":
             os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+    if os.environ["MUJOCO_GL"] == "osmesa" and "triton" not in sys.modules:
+        # Mesa's OSMesa and triton both carry LLVM: importing triton after OSMesa is loaded segfaults (seen with
+        # torch 2.14 / triton 3.8, e.g. when transformers or torch._dynamo import it). OSMesa means no GPU, and
+        # triton only compiles GPU kernels, so make `import triton` fail cleanly; torch then reports no triton.
+        sys.modules["triton"] = None
     return os.environ["MUJOCO_GL"]
 
 

@@ -16,7 +16,11 @@ import csv
 import json
 import math
 import os
+import shutil
+import signal
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +73,38 @@ def parse_args(argv=None):
     e.add_argument("--eval-episodes", type=int, default=10, help="episodes per task (0 = skip evaluation)")
     e.add_argument("--eval-seed", type=int, default=0)
     e.add_argument("--max-steps", type=int, default=200, help="evaluation episode step limit")
+    s = p.add_argument_group("scale-out, fault tolerance, data recipes (§II-E)")
+    s.add_argument("--data", nargs="+", default=None, metavar="PATH", help="train on these HDF5 files (data."
+                   "EpisodeWriter; a CALVIN split directory also works) instead of Meta-World demos; one = "
+                   "finetune, several = co-train on their weighted mixture")
+    s.add_argument("--data-weights", nargs="+", type=float, default=None, metavar="W",
+                   help="co-training mixture weights, one per --data path (default: equal)")
+    s.add_argument("--init-from", default=None, metavar="RUN_DIR", help="post-train: start from this "
+                   "checkpoint's weights (e.g. a co-trained run), then finetune on --data")
+    s.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run exactly from its newest "
+                   "undamaged checkpoint, with its saved flags (flags given here override them)")
+    s.add_argument("--keep-ckpts", type=int, default=3, help="keep the newest k checkpoints in RUN_DIR/checkpoints")
+    s.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step; --batch is the global batch "
+                   "(all processes and micro-batches together)")
+    s.add_argument("--fsdp", action="store_true", help="shard the model with FSDP (bf16 compute), under torchrun")
+    s.add_argument("--act-ckpt", action="store_true", help="activation checkpointing of the transformer blocks")
+    s.add_argument("--shift-aug", action=argparse.BooleanOptionalAction, default=True,
+                   help="random-shift image augmentation (official)")
+    s.add_argument("--debug-nan-at-step", type=int, default=-1, help=argparse.SUPPRESS)  # tests: NaN loss at step
+    s.add_argument("--debug-kill-at-step", type=int, default=-1, help=argparse.SUPPRESS)  # tests: SIGKILL at step
     args = p.parse_args(argv)
+    if args.resume:  # the run's own flags, overridden by those given explicitly now
+        saved = Path(args.resume) / "train_args.json"
+        if not saved.is_file():
+            raise SystemExit(f"--resume {args.resume}: no train_args.json there; is it a run directory of train.py?")
+        for a in p._actions:
+            a.default = argparse.SUPPRESS
+        given = vars(p.parse_args(argv))
+        args = argparse.Namespace(**{**vars(args), **json.loads(saved.read_text()), **given})
+        args.out = args.resume
+        args.debug_nan_at_step, args.debug_kill_at_step = (given.get(k, -1) for k in ("debug_nan_at_step",
+                                                                                      "debug_kill_at_step"))
+        args.tasks, args.views = (v if isinstance(v, str) else ",".join(v) for v in (args.tasks, args.views))
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.views = [v for v in args.views.split(",") if v]
     return args
@@ -80,6 +115,8 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------------------------------------
 
 def build_dataset(args):
+    if args.data:  # finetune (one dataset) or co-train (a weighted mixture, §II-E)
+        return build_data_mixture(args)
     paths = evaluate.generate_demos(args.tasks, args.demos_per_task, args.image_size, args.seed % 100,
                                     args.cache_dir, workers=args.workers or None,  # renders both cameras
                                     noise=args.demo_noise)
@@ -87,10 +124,32 @@ def build_dataset(args):
                             key="metaworld")
 
 
+def build_data_mixture(args):
+    """--data paths (HDF5 files or CALVIN split directories), one dataset each, keyed by file; several are
+    mixed with --data-weights. Every dataset keeps its own action statistics (they all go in the checkpoint)."""
+    w = args.data_weights or [1.0] * len(args.data)
+    if len(w) != len(args.data):
+        raise SystemExit(f"--data-weights has {len(w)} values for {len(args.data)} --data paths: give one each")
+    kw = dict(window=args.window, chunk=args.chunk, views=tuple(args.views), image_size=args.image_size)
+    sets = []
+    for path in args.data:
+        if os.path.isdir(path):
+            root, split = os.path.split(os.path.normpath(path))
+            sets.append(data.CalvinDataset(root, split, **kw))
+        else:
+            sets.append(data.HDF5Dataset(path, **kw))
+    keys = [d.key for d in sets]
+    if len(set(keys)) != len(keys):
+        raise SystemExit(f"--data: datasets need distinct keys (the file attr dataset_key, else the file name), "
+                         f"got {keys}")
+    return sets[0] if len(sets) == 1 else data.MixtureDataset(list(zip(sets, w)), seed=args.seed)
+
+
 def build_model(args):
     config = vla.VLAConfig.tiny(formulation=args.formulation, backbone=args.backbone, head=args.head,
                                 window=args.window, chunk=args.chunk, action_loss=args.action_loss,
-                                views=tuple(args.views), image_size=args.image_size)
+                                views=tuple(args.views), image_size=args.image_size,
+                                shift_aug=getattr(args, "shift_aug", True))
     return vla.VLA(config)
 
 
@@ -106,6 +165,290 @@ def batches(dataset, batch_size, seed, workers=0):
                                          generator=g, num_workers=workers, persistent_workers=workers > 0)
     while True:
         yield from loader
+
+
+# -----------------------------------------------------------------------------------------------------------
+# scale-out: torchrun (DDP / FSDP), the global-batch sampler, activation checkpointing
+# -----------------------------------------------------------------------------------------------------------
+
+def setup_distributed(device_flag="auto"):
+    """-> (rank, world, device). Under torchrun (WORLD_SIZE > 1) joins the process group: nccl on GPU, gloo
+    on CPU (so every multi-process path is testable on a laptop). One process per GPU (LOCAL_RANK)."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag.startswith("cuda")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda and world > 1 else
+                          ("cuda" if cuda else "cpu") if device_flag == "auto" else device_flag)
+    if world > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def barrier(world):
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def rank_batches(n, global_batch, accum, rank, world, seed, epoch):
+    """This rank's micro-batches (lists of dataset indices) for one epoch.
+
+    Step b of the epoch takes global batch b of a permutation seeded by (seed, epoch); it is cut into
+    world * accum micro-batches and micro-batch j * world + rank goes to this rank's accumulation step j. So
+    what a step sees does not depend on how many processes share it, and the data position is just the step.
+    """
+    micro = global_batch // (accum * world)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    out = []
+    for b in range(n // global_batch):
+        g = perm[b * global_batch:(b + 1) * global_batch]
+        for j in range(accum):
+            k = j * world + rank
+            out.append(g[k * micro:(k + 1) * micro])
+    return out
+
+
+def micro_batches(dataset, global_batch, accum, rank, world, seed, start_step=0, workers=0):
+    """Endless micro-batches for this rank, starting at global step `start_step` (exact resume)."""
+    if global_batch % (accum * world) or len(dataset) < global_batch:
+        raise ValueError(f"--batch {global_batch} (the global batch) must be a multiple of --grad-accum {accum} x "
+                         f"{world} processes and at most the {len(dataset)} windows of the dataset")
+    per_epoch = len(dataset) // global_batch
+    epoch, b0 = divmod(start_step, per_epoch)
+    while True:
+        if hasattr(dataset, "resample"):  # MixtureDataset: a fresh weighted draw every epoch, seeded
+            dataset.resample(seed + epoch)
+        idx = rank_batches(len(dataset), global_batch, accum, rank, world, seed, epoch)[b0 * accum:]
+        # own generator: creating the loader must not consume the global RNG (exact resume)
+        yield from torch.utils.data.DataLoader(dataset, batch_sampler=idx, num_workers=workers,
+                                               generator=torch.Generator().manual_seed(seed + epoch))
+        epoch, b0 = epoch + 1, 0
+
+
+def block_types():
+    """The repeated transformer blocks: the units of FSDP sharding and of activation checkpointing."""
+    import backbones
+    import heads
+    return (backbones.Block, backbones.FamilyBlock, backbones.GatedCrossAttention, heads.GPTBlock,
+            heads.ExpertLayer)
+
+
+def apply_activation_checkpointing(model):
+    """Recompute each block's activations in backward instead of storing them (less memory, ~1/3 more
+    compute). Returns the number of wrapped blocks."""
+    import functools
+    from torch.utils.checkpoint import checkpoint
+    blocks = [m for m in model.modules() if isinstance(m, block_types())]
+    for m in blocks:
+        m.forward = functools.partial(checkpoint, m.forward, use_reentrant=False)
+    return len(blocks)
+
+
+def wrap_model(model, world, device, fsdp=False):
+    """-> the module to call in the loop: the model itself (1 process), DDP, or FSDP (sharded parameters,
+    gradients and optimizer state; bf16 compute, fp32 reductions and master weights). FSDP2's
+    `fully_shard` (torch >= 2.6) shards each block then the rest; older torch gets FSDP1 with the same units."""
+    if fsdp:
+        if world == 1 and not torch.distributed.is_initialized():
+            raise ValueError("--fsdp needs torchrun (e.g. torchrun --nproc_per_node=2 train.py --fsdp ...)")
+        try:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        except ImportError:
+            fully_shard = None
+        if fully_shard is not None:
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            for m in [m for m in model.modules() if isinstance(m, block_types())]:
+                fully_shard(m, mp_policy=mp)
+            return fully_shard(model, mp_policy=mp)
+        from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy(set(block_types())),
+                                        mixed_precision=MixedPrecision(torch.bfloat16, torch.float32, torch.float32),
+                                        use_orig_params=True, device_id=device if device.type == "cuda" else None)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        # find_unused_parameters: parts of the VLM that a formulation does not use (e.g. the LM head for
+        # continuous actions) get no gradient
+        return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                       find_unused_parameters=True)
+    return model
+
+
+def no_grad_sync(net, sync):
+    """Context for one micro-batch of gradient accumulation: skip the gradient all-reduce unless `sync`."""
+    import contextlib
+    if sync:
+        return contextlib.nullcontext()
+    if hasattr(net, "no_sync"):  # DDP, FSDP1
+        return net.no_sync()
+    if hasattr(net, "set_requires_gradient_sync"):  # FSDP2
+        net.set_requires_gradient_sync(False)
+        return _restore_sync(net)
+    return contextlib.nullcontext()
+
+
+class _restore_sync:
+    def __init__(self, net):
+        self.net = net
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.net.set_requires_gradient_sync(True)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# fault tolerance: atomic checkpoints with the whole training state, verified on resume
+# -----------------------------------------------------------------------------------------------------------
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or the gradient norm became NaN/inf: the run stops before the optimizer steps."""
+
+
+def rng_state():
+    import random
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s):
+    import random
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _sha256(path):
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def full_state(net, model, opt, fsdp):
+    """-> (model state dict, optimizer state dict), unsharded. Under FSDP a collective (every rank calls it);
+    the full tensors land on rank 0's CPU."""
+    if not fsdp:
+        return model.state_dict(), opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(net, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_train_state(run_dir, step, net, model, opt, sched, stats, args, rank=0, world=1, fsdp=False, keep=3):
+    """Checkpoint run_dir/checkpoints/step_<step>/, atomically: everything is written into a temporary
+    directory which is renamed into place (a crash leaves the previous checkpoints untouched). Contents:
+    the vla.save_checkpoint files (weights, config, action statistics of every dataset, tokenizer),
+    train_state.pt (optimizer, scheduler, step, data position, flags), rng_rank<r>.pt per process, and
+    manifest.json (size + sha256 of each file, written last) by which a resume detects a damaged checkpoint.
+    The run directory's top level gets the same weights (what evaluate.py and Policy.from_pretrained read).
+    Keeps the newest `keep` checkpoints. Every rank must call it."""
+    ck = Path(run_dir) / "checkpoints"
+    final, tmp = ck / f"step_{step:08d}", ck / f".tmp_step_{step:08d}"
+    model_sd, optim_sd = full_state(net, model, opt, fsdp)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(world)
+    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    if rank == 0:
+        if fsdp:  # the sharded module cannot be saved as is: load the gathered weights into a plain CPU copy
+            if not hasattr(save_train_state, "shadow"):
+                save_train_state.shadow = vla.VLA(model.config)
+            model = save_train_state.shadow
+            model.load_state_dict(model_sd)
+        extra = {"step": step}
+        vla.save_checkpoint(tmp, model, stats, extra=extra)
+        torch.save({"step": step, "optimizer": optim_sd, "scheduler": sched.state_dict(), "world_size": world,
+                    "data_position": {"global_batch": args.batch, "samples_seen": step * args.batch},
+                    "args": vars(args)}, tmp / "train_state.pt")
+    barrier(world)
+    if rank == 0:
+        manifest = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        shutil.rmtree(final, ignore_errors=True)  # a damaged checkpoint of this step left by an earlier attempt
+        os.replace(tmp, final)  # the atomic step: readers see no checkpoint or a complete one
+        for old in sorted(ck.glob("step_*"))[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        vla.save_checkpoint(run_dir, model, stats, extra=extra)
+    barrier(world)
+    return final
+
+
+def verify_checkpoint(d):
+    """-> None if checkpoint directory d is complete and undamaged, else what is wrong (str)."""
+    try:
+        manifest = json.loads((Path(d) / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"no readable manifest.json ({e})"
+    for name, m in manifest.items():
+        f = Path(d) / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != m["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {m['bytes']} (truncated?)"
+        if _sha256(f) != m["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+def latest_checkpoint(run_dir):
+    """The newest undamaged run_dir/checkpoints/step_*; damaged ones are skipped with a warning. None if none."""
+    dirs = sorted((Path(run_dir) / "checkpoints").glob("step_*"), reverse=True)
+    for i, d in enumerate(dirs):
+        problem = verify_checkpoint(d)
+        if problem is None:
+            return d
+        warnings.warn(f"checkpoint {d} is damaged: {problem}; falling back to "
+                      f"{dirs[i + 1] if i + 1 < len(dirs) else 'a fresh start (no older checkpoint)'}")
+    return None
+
+
+def load_train_state(ckpt_dir, net, model, opt, sched, rank=0, fsdp=False):
+    """Restore weights, optimizer, scheduler and this rank's RNG from a checkpoint directory; -> step."""
+    from safetensors.torch import load_file
+    ckpt_dir = Path(ckpt_dir)
+    state = torch.load(ckpt_dir / "train_state.pt", map_location="cpu", weights_only=False)
+    model_sd = load_file(ckpt_dir / "model.safetensors")
+    try:
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+            full = {k: model.state_dict()[k] for k in model.state_dict()}  # includes tied duplicates
+            set_state_dict(net, opt, model_state_dict={k: model_sd.get(k, v) for k, v in full.items()},
+                           optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            from safetensors.torch import load_model
+            load_model(model, ckpt_dir / "model.safetensors", strict=True)
+            opt.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise RuntimeError(f"cannot resume from {ckpt_dir}: its weights/optimizer do not fit the model built "
+                           f"from the flags ({str(e)[:300]}); resume with the run's own flags "
+                           f"(train_args.json)") from None
+    sched.load_state_dict(state["scheduler"])
+    rng_file = ckpt_dir / f"rng_rank{rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    else:
+        warnings.warn(f"{ckpt_dir} has no RNG state for rank {rank} (saved with {state['world_size']} "
+                      f"processes): training continues, but not bit-identically")
+    return state["step"]
+
+
+def check_finite(step, world, device, loss, gnorm, last_ckpt):
+    """Stop (NonFiniteLoss) if the loss or gradient norm is NaN/inf on any rank, before the optimizer steps."""
+    bad = torch.tensor([float(not (math.isfinite(loss) and math.isfinite(gnorm)))], device=device)
+    if world > 1:
+        torch.distributed.all_reduce(bad)
+    if bad.item() > 0:
+        raise NonFiniteLoss(f"non-finite loss or gradient at step {step + 1} (loss {loss}, grad norm {gnorm}): "
+                            f"stopped before the optimizer step. The last good checkpoint is "
+                            f"{last_ckpt or 'none (no checkpoint was written yet)'}; resume from it with "
+                            f"--resume RUN_DIR, e.g. with a lower --lr or a smaller --clip")
+
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -164,65 +507,149 @@ class MetricsLog:
 # the loop
 # -----------------------------------------------------------------------------------------------------------
 
-def train(args, model, dataset, run_dir, device):
+def train(args, model, dataset, run_dir, device, rank=0, world=1, stats=None):
+    """The loop. Each step: --grad-accum micro-batches per process (gradients all-reduced once, on the last),
+    clip, AdamW, LR schedule; checkpoint every --ckpt-every steps and at the end (save_train_state)."""
     from tqdm import tqdm
-    params = model.trainable_parameters()
+    stats = stats or dataset.stats_by_key
+    if args.act_ckpt:
+        apply_activation_checkpointing(model)
+    net = wrap_model(model, world, device, args.fsdp)
+    params = [p for p in net.parameters() if p.requires_grad]  # = model.trainable_parameters() (sharded: FSDP)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    log = MetricsLog(run_dir / "metrics.csv", args.log_every)
-    amp = device.type == "cuda"  # bf16 autocast on GPU; fp32 on CPU
-    model.train()
-    it = batches(dataset, args.batch, args.seed, args.loader_workers)
-    bar = tqdm(range(args.steps), desc="train", unit="step")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, 1.0, args.warmup))  # warmup, then constant
+    start, last_ckpt = 0, None
+    if args.resume:
+        last_ckpt = latest_checkpoint(run_dir)
+        if last_ckpt is None:
+            warnings.warn(f"--resume {run_dir}: no checkpoint found, starting from step 0")
+        else:
+            start = load_train_state(last_ckpt, net, model, opt, sched, rank, args.fsdp)
+            if rank == 0:
+                print(f"resumed from {last_ckpt} at step {start}")
+                trim_metrics(run_dir / "metrics.csv", start)
+    log = MetricsLog(run_dir / "metrics.csv", args.log_every) if rank == 0 else None
+    tb = tensorboard_writer(run_dir) if rank == 0 else None
+    amp = device.type == "cuda" and not args.fsdp  # bf16 autocast on GPU (FSDP: its bf16 policy); fp32 on CPU
+    net.train()
+    it = micro_batches(dataset, args.batch, args.grad_accum, rank, world, args.seed, start, args.loader_workers)
+    bar = tqdm(range(start, args.steps), desc="train", unit="step", initial=start, total=args.steps,
+               disable=rank != 0)
     for step in bar:
-        lr = lr_at(step, args.lr, args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in next(it).items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, metrics = model(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if step == args.debug_kill_at_step:  # tests: a hard crash in the middle of a run
+            os.kill(os.getpid(), signal.SIGKILL)
+        lr = sched.get_last_lr()[0]
+        loss_sum, sums = 0.0, {}
+        for j in range(args.grad_accum):
+            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in next(it).items()}
+            with no_grad_sync(net, sync=j == args.grad_accum - 1):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss, metrics = net(batch)
+                if step == args.debug_nan_at_step:  # tests: a diverging run
+                    loss = loss * float("nan")
+                (loss / args.grad_accum).backward()  # the mean over micro-batches (and, by DDP, over processes)
+            loss_sum += loss.item() / args.grad_accum
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+        check_finite(step, world, device, loss_sum, float(gnorm), last_ckpt)
         opt.step()
-        log.add(step, lr, {"loss": loss.item(), "grad_norm": gnorm.item(), **metrics})
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
-            vla.save_checkpoint(run_dir, model, dataset.stats_by_key, extra={"step": step + 1})
-    vla.save_checkpoint(run_dir, model, dataset.stats_by_key, extra={"step": args.steps})
-    if log.rows:
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        if log is not None:
+            log.add(step, lr, {"loss": loss_sum, "grad_norm": float(gnorm), **sums})
+            if tb is not None and log.rows and log.rows[-1]["step"] == step + 1:
+                for k, v in log.rows[-1].items():
+                    tb.add_scalar(f"train/{k}", v, step + 1)
+        bar.set_postfix(loss=f"{loss_sum:.4f}")
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+            last_ckpt = save_train_state(run_dir, step + 1, net, model, opt, sched, stats, args, rank, world,
+                                         args.fsdp, args.keep_ckpts)
+    if tb is not None:
+        tb.close()
+    if log is not None and log.rows:
         plot_loss_curve([r["step"] for r in log.rows], [r["loss"] for r in log.rows], run_dir / "loss_curve.png")
-    return log.rows
+    return log.rows if log is not None else []
+
+
+def trim_metrics(path, step):
+    """On resume: drop metrics.csv rows logged after the checkpoint (those steps are trained again)."""
+    if Path(path).is_file():
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        with open(path, "w", newline="") as f:
+            if rows:
+                wr = csv.DictWriter(f, fieldnames=list(rows[0]))
+                wr.writeheader()
+                wr.writerows(r for r in rows if int(r["step"]) <= step)
+
+
+def tensorboard_writer(run_dir):
+    """A TensorBoard SummaryWriter on run_dir/tb when tensorboard is installed, else None (the CSV is always
+    written)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(Path(run_dir) / "tb"))
 
 
 def main(argv=None):
     args = parse_args(argv)
+    rank, world, device = setup_distributed(args.device)  # torchrun: one process per GPU / CPU slot
+    if rank != 0:  # only rank 0 talks
+        sys.stdout = open(os.devnull, "w")
     print("train.py configuration (every flag, `python train.py -h` for help):")
     for k, v in vars(args).items():
         print(f"  --{k.replace('_', '-'):16s} {','.join(v) if isinstance(v, list) else v}")
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if device.type == "cpu":
-        torch.set_num_threads(args.threads or max(1, min(8, (os.cpu_count() or 2) - 1)))
+        torch.set_num_threads(args.threads or max(1, min(8, (os.cpu_count() or 2) // world - 1)))
     run_dir = Path(args.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.csv").unlink(missing_ok=True)
-    (run_dir / "train_args.json").write_text(json.dumps(vars(args), indent=1))
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not args.resume:
+            (run_dir / "metrics.csv").unlink(missing_ok=True)
+        (run_dir / "train_args.json").write_text(json.dumps(vars(args), indent=1))
     t0 = time.time()
+    if rank != 0:
+        barrier(world)  # rank 0 first: it generates (and caches) the demos that the others then read
     dataset = build_dataset(args)
+    if rank == 0:
+        barrier(world)
     t_data = time.time() - t0
-    print(f"dataset: {len(dataset.episodes)} episodes, {len(dataset)} windows (H={args.window}, L={args.chunk}), "
-          f"{t_data:.0f} s")
-    model = build_model(args).to(device)
+    print(f"dataset: {len(getattr(dataset, 'episodes', ())) or 'mixture of ' + str(len(dataset.datasets))} episodes, "
+          f"{len(dataset)} windows (H={args.window}, L={args.chunk}), {t_data:.0f} s, on {world} process(es)")
+    model = build_model(args)
+    stats = dataset.stats_by_key
+    if args.init_from:  # post-train: the co-trained weights, and its datasets' statistics travel along
+        src, src_stats, _ = vla.load_checkpoint(args.init_from)
+        try:
+            model.load_state_dict(src.state_dict())
+        except RuntimeError as e:
+            raise SystemExit(f"--init-from {args.init_from}: its weights do not fit the model of these flags "
+                             f"({str(e)[:300]}); use the same model flags as that run (its train_args.json)")
+        stats = {**src_stats, **stats}
+        print(f"post-train: initialized from {args.init_from} (datasets {sorted(src_stats)})")
+        del src
+    if world > 1:  # the same init everywhere (DDP also broadcasts it); then a different augmentation per rank
+        torch.manual_seed(args.seed + 1_000 * rank)
+    model = model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters ({sum(p.numel() for p in model.trainable_parameters()) / 1e6:.2f}M "
           f"trainable) on {device}")
     t1 = time.time()
-    train(args, model, dataset, run_dir, device)
+    try:
+        train(args, model, dataset, run_dir, device, rank, world, stats)
+    except NonFiniteLoss as e:
+        raise SystemExit(f"error: {e}") from None
     t_train = time.time() - t1
     print(f"training: {args.steps} steps in {t_train:.0f} s; checkpoint in {run_dir}")
     t_eval = 0.0
-    if args.eval_episodes > 0:
+    if args.data and args.eval_episodes > 0:
+        print("(no closed-loop evaluation for --data runs: evaluate the checkpoint with evaluate.py)")
+    elif args.eval_episodes > 0 and rank == 0:
         t2 = time.time()
         _, text = evaluate.run_metaworld_eval(run_dir, args.eval_episodes, args.eval_seed, args.execution,
                                               args.tasks, out=run_dir, device=str(device),
@@ -232,7 +659,7 @@ def main(argv=None):
     summary = (f"total wall time {time.time() - t0:.0f} s: demos {t_data:.0f} s, training {t_train:.0f} s "
                f"({args.steps} steps), evaluation {t_eval:.0f} s")
     print(summary)
-    if args.eval_episodes > 0:  # results.md: the table, then how it was made
+    if args.eval_episodes > 0 and not args.data and rank == 0:  # results.md: the table, then how it was made
         flags = " ".join(f"--{k.replace('_', '-')} {','.join(v) if isinstance(v, list) else v}"
                          for k, v in vars(args).items())
         with open(run_dir / "results.md", "a") as f:

@@ -420,15 +420,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(kv_dim or d, self.n_kv * self.head_dim, bias=bias)
         self.inner_attn_ln = None if sub_ln_eps is None else nn.LayerNorm(inner, eps=sub_ln_eps)
         self.o_proj = nn.Linear(inner, d, bias=bias)
+        self.clip_qkv, self.q_ln, self.k_ln = None, None, None  # MPT options: clamp q/k/v, LayerNorm on q and k
 
     def forward(self, x, rope=None, cache=None, mask=None, causal=False, kv=None):
         """x (B, T, d); rope: fn(t (B, h, T, hd)) -> rotated t; cache (k, v) each (B, n_kv, T_past, hd), keys
         already rotated; mask bool (B, 1, T, S) or causal=True. Returns (out (B, T, d), (k, v) incl. the new)."""
         B, T, _ = x.shape
         src = x if kv is None else kv
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, h, T, hd)
-        k = self.k_proj(src).view(B, -1, self.n_kv, self.head_dim).transpose(1, 2)  # (B, h_kv, S, hd)
-        v = self.v_proj(src).view(B, -1, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.q_proj(x), self.k_proj(src), self.v_proj(src)
+        if self.clip_qkv:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        if self.q_ln is not None:
+            q, k = self.q_ln(q), self.k_ln(k)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, h, T, hd)
+        k = k.view(B, -1, self.n_kv, self.head_dim).transpose(1, 2)  # (B, h_kv, S, hd)
+        v = v.view(B, -1, self.n_kv, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = rope(q), rope(k)
         past = 0
@@ -919,8 +925,9 @@ def load_vlm(path, dtype=torch.float32, device="cpu"):
     with open(cfg_path) as f:
         cfg = json.load(f)
     files = checkpoint_files(path)
+    flamingo = cfg.get("model_type") == "openflamingo"
     with torch.device("meta"):
-        vlm = PretrainedVLM(cfg)
+        vlm = openflamingo_from_config(cfg) if flamingo else PretrainedVLM(cfg)
     vlm = vlm.to(dtype).to_empty(device=device)
     vlm.lm.tie_weights()
     params, loaded, unexpected = dict(vlm.named_parameters()), set(), []
@@ -928,21 +935,30 @@ def load_vlm(path, dtype=torch.float32, device="cpu"):
         header = safetensors_header(fn)
         with open(fn, "rb") as f:
             for key in (k for k, v in files.items() if v == fn):
-                ours = checkpoint_key_to_ours(key)
-                if _unused_checkpoint_key(vlm, ours):
+                targets = openflamingo_key_to_ours(key) if flamingo else [(checkpoint_key_to_ours(key), 0, 1)]
+                targets = [t for t in targets if not _unused_checkpoint_key(vlm, t[0])]  # (ours, chunk, n_chunks)
+                if not targets:
                     continue
-                if ours not in params:
+                if any(t[0] not in params for t in targets):
                     unexpected.append(key)
                     continue
                 if key not in header:
                     raise ValueError(f"{key!r} is listed for {fn} in the index but is not in that file: the download "
                                      f"is inconsistent; download it again")
-                if header[key][1] != tuple(params[ours].shape):
+                p0, n = params[targets[0][0]], targets[0][2]  # a fused q/k/v is n times the rows of each part
+                expected = (n * p0.shape[0],) + tuple(p0.shape[1:]) if p0.dim() else tuple(p0.shape)
+                if header[key][1] != expected:
                     raise ValueError(f"checkpoint key {key!r} in {fn} has shape {header[key][1]}, expected "
-                                     f"{tuple(params[ours].shape)} from {cfg_path}: config and weights disagree")
+                                     f"{expected} from {cfg_path}: config and weights disagree")
                 with torch.no_grad():
-                    _read_into(f, header[key], params[ours])
-                loaded.add(ours)
+                    if n == 1:
+                        _read_into(f, header[key], p0)
+                    else:  # one buffer of this tensor, split into its parts
+                        buf = torch.empty(expected, dtype=header[key][0])
+                        _read_into(f, header[key], buf)
+                        for (ours, _, _), part in zip(targets, buf.chunk(n)):
+                            params[ours].data.copy_(part)
+                loaded.update(t[0] for t in targets)
     if unexpected:
         raise ValueError(f"{len(unexpected)} checkpoint tensors in {path} do not belong to a {vlm.family} model, "
                          f"e.g. {unexpected[:4]}: is config.json's model_type right for these weights?")
@@ -956,7 +972,8 @@ def load_vlm(path, dtype=torch.float32, device="cpu"):
             pc = json.load(f)
         vlm.image_mean = tuple(pc.get("image_mean", vlm.image_mean))
         vlm.image_std = tuple(pc.get("image_std", vlm.image_std))
-    vlm.tokenizer = tok = load_family_tokenizer(path, vlm.family)
+    tok = load_openflamingo_tokenizer(path, cfg) if flamingo else load_family_tokenizer(path, vlm.family)
+    vlm.tokenizer = tok
     if vlm.family == "kosmos-2" and tok is not None and {"<image>", "</image>"} <= set(tok.added):
         vlm.image_boundary = (tok.added["<image>"], tok.added["</image>"])
         vlm.n_image_tokens += 2
@@ -1096,7 +1113,8 @@ class GatedCrossAttention(nn.Module):
     def forward(self, x, media, media_pos=None, positions=None):
         """x (B, T, d); media (B, n, d_m), seen by every token, or (B, M, n, d_m) with media_pos (B, M): the
         sequence position of each image; a token then sees only the latest image at or before its position
-        (OpenFlamingo's only_attend_immediate_media) and tokens before the first image get no update."""
+        (OpenFlamingo's only_attend_immediate_media); tokens before the first image get no cross-attention update
+        (their attention weights are zeroed) but still pass through the gated feed-forward."""
         seen = None
         mask = None
         if media.dim() == 4:
@@ -1108,8 +1126,7 @@ class GatedCrossAttention(nn.Module):
             media = media.flatten(1, 2)
         h = self.attn(self.norm(x), mask=mask, kv=media)[0]
         x = x + torch.tanh(self.attn_gate) * (h if seen is None else h * seen)
-        h = self.ff(self.ff_norm(x))
-        return x + torch.tanh(self.ff_gate) * (h if seen is None else h * seen)
+        return x + torch.tanh(self.ff_gate) * self.ff(self.ff_norm(x))  # every token, as OpenFlamingo's helpers.py
 
 
 class FlamingoVLM(nn.Module):
@@ -1123,13 +1140,14 @@ class FlamingoVLM(nn.Module):
     tokenizer_filename = "tokenizer.model"
 
     def __init__(self, vision, media_d, lm, cross_attn_every=1, n_latents=64, resampler_depth=6, heads=8,
-                 head_dim=64, image_size=224, mean=CLIP_MEAN, std=CLIP_STD, tokenizer=None):
+                 head_dim=64, image_size=224, mean=CLIP_MEAN, std=CLIP_STD, tokenizer=None, tokens_ln_post=True):
         super().__init__()
-        self.vision, self.lm, self.tokenizer = vision, lm, tokenizer
+        self.vision, self.lm, self.tokenizer, self.family = vision, lm, tokenizer, "flamingo"
+        self.tokens_ln_post = tokens_ln_post  # False: patch tokens before ln_post (open_clip < 2.24, OpenFlamingo)
         self.resampler = PerceiverResampler(media_d, resampler_depth, heads, head_dim, n_latents)
         d = lm.embed_tokens.weight.shape[1]
-        self.xattn = nn.ModuleDict({str(i): GatedCrossAttention(d, media_d, heads, head_dim)
-                                    for i in range(0, len(lm.layers), cross_attn_every)})
+        self.xattn = nn.ModuleDict({str(i): GatedCrossAttention(d, media_d, heads, head_dim)  # OpenFlamingo:
+                                    for i in range(len(lm.layers)) if (i + 1) % cross_attn_every == 0})  # (i+1)%n
         attn = lm.layers[0].attn
         self.hidden_size, self.vocab_size, self.n_image_tokens = d, lm.embed_tokens.weight.shape[0], n_latents
         self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim = len(lm.layers), attn.n_heads, attn.n_kv, \
@@ -1139,8 +1157,9 @@ class FlamingoVLM(nn.Module):
     def prompt(self, instruction):
         return instruction
 
-    def encode_images(self, x):  # (N, 3, S, S) -> (N, n_latents, media_d): CLIP patch tokens after ln_post
-        return self.resampler(self.vision.post_layernorm(self.vision(x))[:, 1:])
+    def encode_images(self, x):  # (N, 3, S, S) -> (N, n_latents, media_d): CLIP patch tokens (CLS dropped)
+        h = self.vision(x)
+        return self.resampler((self.vision.post_layernorm(h) if self.tokens_ln_post else h)[:, 1:])
 
     def embed_tokens(self, ids):
         return self.lm.embed(ids)
@@ -1153,10 +1172,11 @@ class FlamingoVLM(nn.Module):
         media=None runs the plain LM (what the gates at 0 reproduce exactly)."""
         x, new_cache = embeds, []
         rope = lambda t: self.lm.rope(t, positions)  # noqa: E731
+        mask = self.lm.alibi_mask(x, cache) if isinstance(self.lm, MptLM) else None  # (1, h, T, S) float or None
         for i, blk in enumerate(self.lm.layers):
             if media is not None and str(i) in self.xattn:
                 x = self.xattn[str(i)](x, media.to(x.dtype), media_pos, positions)
-            x, kv = blk(x, rope, None if cache is None else cache[i], causal=True)
+            x, kv = blk(x, None if mask is not None else rope, None if cache is None else cache[i], mask, causal=True)
             new_cache.append(kv)
         return self.lm.norm(x), new_cache
 
@@ -1186,3 +1206,164 @@ def tiny_flamingo(image_size=64, tokenizer_path=None, cross_attn_every=2):
             if getattr(mod, "bias", None) is not None:
                 nn.init.zeros_(mod.bias)
     return m
+
+
+# ---- OpenFlamingo checkpoints (3B: MPT-1B, 9B: LLaMA-7B) converted once to safetensors (docs/backbones.md) ----
+
+def alibi_slopes(n_heads, bias_max=8.0):
+    """MPT's ALiBi slopes 2^(-bias_max k / n), k = 1..n, n = n_heads rounded up to a power of two; for other head
+    counts the odd-k slopes come first, then the even ones, cut to n_heads (as MPT's reference code)."""
+    n2 = 2 ** math.ceil(math.log2(n_heads))
+    s = 2.0 ** (-torch.arange(1, n2 + 1, dtype=torch.float32) * (bias_max / n2))  # (n2,)
+    return s if n2 == n_heads else torch.cat([s[1::2], s[::2]])[:n_heads]
+
+
+class MptLM(DecoderLM):
+    """MPT (OpenFlamingo-3B's MPT-1B-RedPajama): pre-LN blocks with no biases at all (LayerNorms included), fused
+    Wqkv (split when loading), exact-GELU MLP, tied LM head, no position embeddings: ALiBi adds slope_h * (j - i)
+    to the attention scores. Reads transformers' MptConfig fields and the original mosaic_gpt ones (attn_qk_ln:
+    LayerNorms on q and k, attn_clip_qkv). Positions are not used: ALiBi counts cache + new tokens."""
+
+    def __init__(self, c):
+        a = c.get("attn_config") or {}
+        get = lambda k, old, default: a.get(k, c.get(old, default))  # noqa: E731  MptConfig, then mosaic_gpt
+        if not get("alibi", "alibi", True) or get("softmax_scale", "softmax_scale", None) is not None \
+                or not c.get("no_bias", True):
+            raise ValueError("MPT with learned positions, a custom softmax_scale or biases is not supported: the "
+                             "OpenFlamingo MPTs use alibi=True, softmax_scale=None, no_bias=True")
+        d, heads = c.get("d_model", 2048), c.get("n_heads", 16)
+        eps = c.get("layer_norm_epsilon", 1e-5)
+        super().__init__(c.get("vocab_size", 50432), d, c.get("n_layers", 24), heads,
+                         int(c.get("expansion_ratio", c.get("mlp_ratio", 4)) * d), "gelu", "ln", eps, bias=False,
+                         gated=False, rope_theta=None, tie=True)
+        self.n_heads, self.bias_max = heads, get("alibi_bias_max", "alibi_bias_max", 8)
+        for blk in self.layers:
+            blk.norm1.register_parameter("bias", None), blk.norm2.register_parameter("bias", None)
+            blk.attn.clip_qkv = get("clip_qkv", "attn_clip_qkv", None)
+            if get("qk_ln", "attn_qk_ln", False):
+                blk.attn.q_ln, blk.attn.k_ln = (nn.LayerNorm(d, eps=eps, bias=False) for _ in "qk")
+        self.norm.register_parameter("bias", None)
+
+    def alibi_mask(self, x, cache=None, allowed=None):
+        """Additive mask (1 or B, h, T, S): slope_h * (j - i) where query i (after the cache) may see key j (causal,
+        or `allowed` bool (B, 1, T, S) from padding_attention_mask), -inf elsewhere."""
+        T, past = x.shape[1], 0 if cache is None else cache[0][0].shape[2]
+        i = torch.arange(past, past + T, device=x.device)[:, None]
+        j = torch.arange(past + T, device=x.device)[None, :]
+        bias = alibi_slopes(self.n_heads, self.bias_max).to(x.device)[:, None, None] * (j - i)  # (h, T, S)
+        ok = (j <= i)[None, None] if allowed is None else allowed
+        return bias[None].masked_fill(~ok, float("-inf")).to(x.dtype)
+
+    def forward(self, x, positions=None, cache=None, mask=None):
+        bias, new_cache = self.alibi_mask(x, cache, mask), []
+        for i, blk in enumerate(self.layers):
+            x, kv = blk(x, None, None if cache is None else cache[i], bias, causal=True)
+            new_cache.append(kv)
+        return self.norm(x), new_cache
+
+
+# open_clip ViT-L/14 with the "openai" weights (QuickGELU), OpenFlamingo's perceiver, MPT-1B (OpenFlamingo-3B)
+_OPENCLIP_L14 = dict(image_size=224, layers=24, width=1024, patch_size=14, head_width=64, mlp_ratio=4.0,
+                     quick_gelu=True)
+_OF_PERCEIVER = dict(depth=6, heads=8, dim_head=64, num_latents=64)
+
+
+def openflamingo_from_config(cfg):
+    """FlamingoVLM (random init) from an "openflamingo" config.json: vision_config in open_clip's vision_cfg names,
+    text_config = the language model's own config.json (model_type "mpt"/"mosaic_gpt" or "llama")."""
+    v = {**_OPENCLIP_L14, **(cfg.get("vision_config") or {})}
+    vis = dict(hidden_size=v["width"], num_hidden_layers=v["layers"], num_attention_heads=v["width"] // v["head_width"],
+               intermediate_size=int(v["width"] * v["mlp_ratio"]), patch_size=v["patch_size"],
+               image_size=v["image_size"], layer_norm_eps=1e-5, hidden_act="quick_gelu" if v["quick_gelu"] else "gelu")
+    t = cfg.get("text_config") or {}
+    kind = t.get("model_type", "mpt")
+    if kind in ("mpt", "mosaic_gpt"):
+        lm = MptLM(t)
+    elif kind == "llama":
+        lm = _rope_decoder({**_LLAMA, **t}, gemma=False)
+    else:
+        raise ValueError(f"OpenFlamingo language model {kind!r} is not supported: expected 'mpt'/'mosaic_gpt' "
+                         f"(OpenFlamingo-3B) or 'llama' (OpenFlamingo-9B); GPT-NeoX (4B) is not implemented")
+    p = {**_OF_PERCEIVER, **(cfg.get("perceiver_config") or {})}
+    m = FlamingoVLM(_vit(vis, clip=True), v["width"], lm, cfg.get("cross_attn_every_n_layers", 1), p["num_latents"],
+                    p["depth"], p["heads"], p["dim_head"], v["image_size"],
+                    tokens_ln_post=cfg.get("vision_tokens_after_ln_post", False))
+    m.family, m.config, m.tokenizer_filename = "openflamingo", cfg, cfg.get("tokenizer_file", "tokenizer.json")
+    m.media_token_id, m.eoc_token_id = cfg.get("media_token_id"), cfg.get("endofchunk_token_id")
+    return m
+
+
+# OpenFlamingo state_dict names -> ours. "{qkv}"/"{kv}": a fused projection split into q/k/v (or k/v) chunks.
+# Wrapped LM layers are `<layers>.{i}.decoder_layer.*` + `<layers>.{i}.gated_cross_attn_layer.*` (the same cross-
+# attention also appears as `gated_cross_attn_layers.{i}`, the unwrapped layers as `old_decoder_blocks.{i}`).
+_OF_RENAMES = [
+    (r"^lang_encoder\.old_decoder_blocks\..*|^vision_encoder\.proj$", ""),  # duplicates; CLIP's pooled projection
+    (r"^lang_encoder\.gated_cross_attn_layers\.(\d+)\.", r"xattn.\1."),
+    (r"^lang_encoder\.(transformer\.blocks|model\.layers)\.(\d+)\.gated_cross_attn_layer\.", r"xattn.\2."),
+    (r"\.decoder_layer\.", "."), (r"^(xattn\.\d+)\.attn\.norm\.", r"\1.norm."),
+    (r"^perceiver\.layers\.(\d+)\.0\.(norm_media|norm_latents)\.", r"resampler.layers.\1.\2."),
+    (r"^perceiver\.layers\.(\d+)\.0\.", r"resampler.layers.\1.attn."),
+    (r"^perceiver\.layers\.(\d+)\.1\.", r"resampler.layers.\1.ff."), (r"^perceiver\.", "resampler."),
+    (r"\.ff\.0\.", ".ff_norm."), (r"\.ff\.1\.", ".ff.fc1."), (r"\.ff\.3\.", ".ff.fc2."),
+    (r"\.to_q\.", ".q_proj."), (r"\.to_kv\.", ".{kv}_proj."), (r"\.to_out\.", ".o_proj."),
+    (r"^vision_encoder\.conv1\.", "vision.patch_embedding."),
+    (r"^vision_encoder\.positional_embedding$", "vision.position_embedding.weight"),
+    (r"^vision_encoder\.ln_pre\.", "vision.pre_layrnorm."), (r"^vision_encoder\.ln_post\.", "vision.post_layernorm."),
+    (r"^vision_encoder\.transformer\.resblocks\.", "vision.layers."), (r"^vision_encoder\.", "vision."),
+    (r"\.attn\.in_proj_(weight|bias)$", r".attn.{qkv}_proj.\1"), (r"\.attn\.Wqkv\.", ".attn.{qkv}_proj."),
+    (r"\.attn\.out_proj\.", ".attn.o_proj."), (r"\.(ln_1|norm_1)\.", ".norm1."), (r"\.(ln_2|norm_2)\.", ".norm2."),
+    (r"\.(mlp\.c_fc|ffn\.up_proj|mlp\.mlp_up)\.", ".mlp.fc1."),
+    (r"\.(mlp\.c_proj|ffn\.down_proj|mlp\.mlp_down)\.", ".mlp.fc2."),
+    (r"^lang_encoder\.transformer\.wte\.", "lm.embed_tokens."),
+    (r"^lang_encoder\.transformer\.(norm_f|ln_f)\.", "lm.norm."),
+    (r"^lang_encoder\.transformer\.blocks\.", "lm.layers."), (r"^lang_encoder\.lm_head\.", "lm.lm_head."),
+    (r"^lang_encoder\.", "language_model."),  # LLaMA (9B): then the Hugging Face renames
+]
+
+
+def openflamingo_key_to_ours(key):
+    """-> [(our parameter name, chunk index, number of chunks)], [] for a tensor that is not used."""
+    for pattern, repl in _OF_RENAMES:
+        key = re.sub(pattern, repl, key)
+    if key.startswith("language_model."):
+        key = checkpoint_key_to_ours(key)
+    for mark, parts in (("{qkv}", "qkv"), ("{kv}", "kv")):
+        if mark in key:
+            return [(key.replace(mark, c), i, len(parts)) for i, c in enumerate(parts)]
+    return [(key, 0, 1)] if key else []
+
+
+class JsonTokenizer:
+    """A Hugging Face `tokenizer.json` (MPT-1B's GPT-NeoX BPE, with OpenFlamingo's added <|endofchunk|>, <image>,
+    <PAD>) behind the tokenizer interface. Needs the `tokenizers` package (no sentencepiece model exists for it)."""
+
+    def __init__(self, fn):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ImportError(f"{fn} is a Hugging Face tokenizer.json: reading it needs `pip install tokenizers` "
+                              f"(OpenFlamingo-9B's LLaMA ships a sentencepiece tokenizer.model instead)") from None
+        self.fn, self.tok = fn, Tokenizer.from_file(fn)
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        ids = {s: self.tok.token_to_id(s) for s in ("<|endoftext|>", "<PAD>", "<image>", "<|endofchunk|>")}
+        self.bos_id = self.eos_id = ids["<|endoftext|>"]
+        self.pad_id = ids["<PAD>"] if ids["<PAD>"] is not None else self.eos_id
+        self.added = {s: i for s, i in ids.items() if i is not None}
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tok.decode([int(i) for i in ids])
+
+    def save(self, path):
+        self.tok.save(path)
+
+
+def load_openflamingo_tokenizer(path, cfg):
+    """The tokenizer named by config.json's `tokenizer_file` ("tokenizer.json" for MPT, "tokenizer.model" for
+    LLaMA, with tokenizer_config.json's added tokens), or None when the folder has no such file."""
+    fn = os.path.join(path, cfg.get("tokenizer_file", "tokenizer.json"))
+    if not os.path.isfile(fn):
+        return None
+    return JsonTokenizer(fn) if fn.endswith(".json") else load_family_tokenizer(path, "llama")

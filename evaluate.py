@@ -403,6 +403,8 @@ def evaluate_metaworld(policy, tasks=DEFAULT_TASKS, episodes=10, seed=0, image_s
         raise ValueError("workers > 1 needs the policy as a run directory (each process loads its own copy)")
     jobs = [(policy, t, s, image_size, tuple(cameras), max_steps, gif_dir is not None and i == 0)
             for t in tasks for i, s in enumerate(seeds)]
+    rank, world = _dist_rank_world()  # under torchrun each rank runs every world-th episode; merged below
+    jobs = jobs[rank::world]
     wins, steps = {t: 0 for t in tasks}, {t: [] for t in tasks}
     bar = tqdm(total=len(jobs), desc="closed-loop eval", unit="ep", disable=not progress)
 
@@ -424,13 +426,20 @@ def evaluate_metaworld(policy, tasks=DEFAULT_TASKS, episodes=10, seed=0, image_s
             collect(_eval_episode(job))
         close_renderer()
     bar.close()
+    base = {task: {"expert": baseline_success(task, seeds, "expert", max_steps),
+                   "random": baseline_success(task, seeds, "random", max_steps)}
+            for k, task in enumerate(tasks) if baselines and k % world == rank}
+    if world > 1:  # merge every rank's episodes and baselines; all ranks return the full results
+        import torch.distributed as dist
+        parts = [None] * world
+        dist.all_gather_object(parts, (wins, steps, base))
+        wins = {t: sum(p[0][t] for p in parts) for t in tasks}
+        steps = {t: [n for p in parts for n in p[1][t]] for t in tasks}
+        base = {t: b for p in parts for t, b in p[2].items()}
     results = {}
     for task in tasks:
         results[task] = {"instruction": METAWORLD_INSTRUCTIONS[task], "policy": wins[task] / len(seeds),
-                         "steps": float(np.mean(steps[task]))}
-        if baselines:
-            results[task]["expert"] = baseline_success(task, seeds, "expert", max_steps)
-            results[task]["random"] = baseline_success(task, seeds, "random", max_steps)
+                         "steps": float(np.mean(steps[task])), **base.get(task, {})}
     return results
 
 
@@ -1214,7 +1223,10 @@ def run_metaworld_eval(ckpt, episodes=10, seed=0, execution="chunk", tasks=None,
     ckpt = Path(ckpt)
     train_args = json.loads((ckpt / "train_args.json").read_text()) if (ckpt / "train_args.json").exists() else {}
     tasks = tasks or train_args.get("tasks") or list(DEFAULT_TASKS)
-    workers = workers or (min(8, os.cpu_count() or 1) if device == "cpu" else 1)
+    rank, world = _dist_rank_world()  # under torchrun: episodes are sharded over the ranks
+    if device == "cuda" and world > 1:
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+    workers = workers or (max(1, min(8, os.cpu_count() or 1) // world) if device == "cpu" else 1)
     policy = str(ckpt) if workers > 1 else Policy.from_pretrained(str(ckpt), execution=execution, device=device)
     out = Path(out or ckpt / f"eval_metaworld_seed{seed}_{execution}")
     t0 = time.time()
@@ -1225,6 +1237,8 @@ def run_metaworld_eval(ckpt, episodes=10, seed=0, execution="chunk", tasks=None,
     header = (f"## Meta-World closed-loop evaluation\n\ncheckpoint `{ckpt}`, {episodes} episodes per task, "
               f"evaluation seed {seed} (episode seeds {eval_seeds(seed, episodes)[0]}..), execution `{execution}`, "
               f"{time.time() - t0:.0f} s")
+    if rank != 0:
+        return results, results_table(results)
     return results, write_results(out, results, header)
 
 
@@ -1307,9 +1321,11 @@ def main(argv=None):
         raise SystemExit(f"--ckpt {args.ckpt!r} is not a directory; pass a run directory written by train.py")
     if args.benchmark == "metaworld":
         tasks = args.tasks.split(",") if args.tasks else None
+        rank, _ = _init_distributed()  # torchrun --nproc_per_node=N evaluate.py ...: episodes sharded over ranks
         _, text = run_metaworld_eval(args.ckpt, args.episodes, args.seed, args.execution, tasks, args.out,
-                                     device=args.device, workers=args.workers or None)
-        print(text)
+                                     device=args.device, workers=args.workers or None, progress=rank == 0)
+        if rank == 0:
+            print(text)
     elif args.benchmark == "calvin":
         if not args.calvin_root:
             raise SystemExit("--benchmark calvin needs --calvin-root DIR (a CALVIN split that holds validation/)")

@@ -9,9 +9,23 @@
 Every choice is a flag (printed at start). The run directory gets model.safetensors, config.json,
 action_stats.json (vla.save_checkpoint), train_args.json, metrics.csv, loss_curve.png, results.md, GIFs.
 Re-run the evaluation alone with `python evaluate.py --ckpt RUN_DIR --benchmark metaworld`.
+
+Scale-out and faults (tests/test_scale.py):
+  torchrun --nproc_per_node=N train.py ...   DDP (nccl on GPU, gloo on CPU); --fsdp shards the model (FSDP2,
+      bf16 compute) for 1B+ backbones; --grad-accum K; --act-ckpt. --batch is always the global batch, so a
+      step sees the same samples whatever N and K are.
+  RUN_DIR/checkpoints/step_<n>/ every --ckpt-every steps (atomic; the newest --keep-ckpts kept): weights,
+      config, action statistics of every dataset, optimizer, scheduler, step, RNG of every rank, manifest.
+  python train.py --resume RUN_DIR   continues bit-exactly from the newest undamaged checkpoint (a damaged
+      one is skipped with a warning). A NaN/inf loss stops the run, naming the step and the last checkpoint.
+  Recipes (§II-E): --data A.h5 (finetune), --data A.h5 B.h5 --data-weights 3 1 (co-train),
+      --init-from CO_TRAINED_RUN --data A.h5 (post-train).
+  Hidden test hooks: --debug-nan-at-step N (the N-th step's loss becomes NaN), --debug-kill-at-step N
+      (SIGKILL once N steps are done).
 """
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -41,9 +55,11 @@ def parse_args(argv=None):
     a.add_argument("--formulation", default="policy_head", choices=vla.FORMULATIONS)
     a.add_argument("--backbone", default="tiny")
     a.add_argument("--head", default="lstm", choices=["mlp", "lstm", "gpt"], help="policy-head trunk")
-    a.add_argument("--window", type=int, default=4, help="H, history frames")
+    a.add_argument("--window", type=int, default=2, help="H, history frames")
     a.add_argument("--chunk", type=int, default=4, help="L, actions predicted per frame")
     a.add_argument("--action-loss", default="huber", choices=["huber", "mse", "flow"])
+    a.add_argument("--moe", action="store_true",
+                   help="pi0-style mixture-of-experts action expert (Table IIb; one_step_continuous only)")
     a.add_argument("--views", default="static,wrist", help="cameras, comma-separated")
     a.add_argument("--image-size", type=int, default=64, help="rendered (and model input) image size")
     d = p.add_argument_group("data (Meta-World scripted-expert demonstrations)")
@@ -54,8 +70,8 @@ def parse_args(argv=None):
                    "actions (labels stay clean, DART); 0 = plain expert rollouts")
     d.add_argument("--workers", type=int, default=0, help="processes for demos and evaluation (0 = all cores)")
     o = p.add_argument_group("optimization")
-    o.add_argument("--steps", type=int, default=3000)
-    o.add_argument("--batch", type=int, default=32)
+    o.add_argument("--steps", type=int, default=2000)
+    o.add_argument("--batch", type=int, default=16)
     o.add_argument("--lr", type=float, default=3e-4)
     o.add_argument("--weight-decay", type=float, default=0.01)
     o.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then constant LR")
@@ -149,7 +165,7 @@ def build_model(args):
     config = vla.VLAConfig.tiny(formulation=args.formulation, backbone=args.backbone, head=args.head,
                                 window=args.window, chunk=args.chunk, action_loss=args.action_loss,
                                 views=tuple(args.views), image_size=args.image_size,
-                                shift_aug=getattr(args, "shift_aug", True))
+                                moe=getattr(args, "moe", False), shift_aug=getattr(args, "shift_aug", True))
     return vla.VLA(config)
 
 
@@ -252,9 +268,12 @@ def wrap_model(model, world, device, fsdp=False):
         if world == 1 and not torch.distributed.is_initialized():
             raise ValueError("--fsdp needs torchrun (e.g. torchrun --nproc_per_node=2 train.py --fsdp ...)")
         try:
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # torch >= 2.6
         except ImportError:
-            fully_shard = None
+            try:
+                from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard  # 2.4, 2.5
+            except ImportError:
+                fully_shard = None
         if fully_shard is not None:
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             for m in [m for m in model.modules() if isinstance(m, block_types())]:
@@ -274,28 +293,20 @@ def wrap_model(model, world, device, fsdp=False):
     return model
 
 
+@contextlib.contextmanager
 def no_grad_sync(net, sync):
-    """Context for one micro-batch of gradient accumulation: skip the gradient all-reduce unless `sync`."""
-    import contextlib
-    if sync:
-        return contextlib.nullcontext()
-    if hasattr(net, "no_sync"):  # DDP, FSDP1
-        return net.no_sync()
-    if hasattr(net, "set_requires_gradient_sync"):  # FSDP2
+    """One micro-batch of gradient accumulation: skip the gradient all-reduce unless `sync` (the last one)."""
+    if sync or not hasattr(net, "no_sync") and not hasattr(net, "set_requires_gradient_sync"):
+        yield
+    elif hasattr(net, "no_sync"):  # DDP, FSDP1
+        with net.no_sync():
+            yield
+    else:  # FSDP2
         net.set_requires_gradient_sync(False)
-        return _restore_sync(net)
-    return contextlib.nullcontext()
-
-
-class _restore_sync:
-    def __init__(self, net):
-        self.net = net
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.net.set_requires_gradient_sync(True)
+        try:
+            yield
+        finally:
+            net.set_requires_gradient_sync(True)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -358,7 +369,8 @@ def save_train_state(run_dir, step, net, model, opt, sched, stats, args, rank=0,
     if rank == 0:
         if fsdp:  # the sharded module cannot be saved as is: load the gathered weights into a plain CPU copy
             if not hasattr(save_train_state, "shadow"):
-                save_train_state.shadow = vla.VLA(model.config)
+                with torch.random.fork_rng(devices=[]):  # building it must not move the training RNG
+                    save_train_state.shadow = vla.VLA(model.config)
             model = save_train_state.shadow
             model.load_state_dict(model_sd)
         extra = {"step": step}
@@ -530,22 +542,22 @@ def train(args, model, dataset, run_dir, device, rank=0, world=1, stats=None):
                 trim_metrics(run_dir / "metrics.csv", start)
     log = MetricsLog(run_dir / "metrics.csv", args.log_every) if rank == 0 else None
     tb = tensorboard_writer(run_dir) if rank == 0 else None
-    amp = device.type == "cuda" and not args.fsdp  # bf16 autocast on GPU (FSDP: its bf16 policy); fp32 on CPU
+    amp = device.type == "cuda" or args.fsdp  # bf16 autocast on GPU and with FSDP's bf16 parameters; else fp32
     net.train()
     it = micro_batches(dataset, args.batch, args.grad_accum, rank, world, args.seed, start, args.loader_workers)
     bar = tqdm(range(start, args.steps), desc="train", unit="step", initial=start, total=args.steps,
                disable=rank != 0)
     for step in bar:
-        if step == args.debug_kill_at_step:  # tests: a hard crash in the middle of a run
+        if step == args.debug_kill_at_step:  # tests: a hard crash (SIGKILL) once N steps are done
             os.kill(os.getpid(), signal.SIGKILL)
-        lr = sched.get_last_lr()[0]
+        lr, t_step = sched.get_last_lr()[0], time.time()
         loss_sum, sums = 0.0, {}
         for j in range(args.grad_accum):
             batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in next(it).items()}
             with no_grad_sync(net, sync=j == args.grad_accum - 1):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     loss, metrics = net(batch)
-                if step == args.debug_nan_at_step:  # tests: a diverging run
+                if step + 1 == args.debug_nan_at_step:  # tests: a diverging run (the N-th step's loss is NaN)
                     loss = loss * float("nan")
                 (loss / args.grad_accum).backward()  # the mean over micro-batches (and, by DDP, over processes)
             loss_sum += loss.item() / args.grad_accum
@@ -557,7 +569,8 @@ def train(args, model, dataset, run_dir, device, rank=0, world=1, stats=None):
         opt.zero_grad(set_to_none=True)
         sched.step()
         if log is not None:
-            log.add(step, lr, {"loss": loss_sum, "grad_norm": float(gnorm), **sums})
+            log.add(step, lr, {"loss": loss_sum, "grad_norm": float(gnorm), **sums,
+                               "samples_per_s": args.batch / (time.time() - t_step)})  # global, with data loading
             if tb is not None and log.rows and log.rows[-1]["step"] == step + 1:
                 for k, v in log.rows[-1].items():
                     tb.add_scalar(f"train/{k}", v, step + 1)
@@ -601,7 +614,7 @@ def main(argv=None):
         sys.stdout = open(os.devnull, "w")
     print("train.py configuration (every flag, `python train.py -h` for help):")
     for k, v in vars(args).items():
-        print(f"  --{k.replace('_', '-'):16s} {','.join(v) if isinstance(v, list) else v}")
+        print(f"  --{k.replace('_', '-'):16s} {','.join(map(str, v)) if isinstance(v, list) else v}")
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     if device.type == "cpu":
@@ -649,7 +662,7 @@ def main(argv=None):
     t_eval = 0.0
     if args.data and args.eval_episodes > 0:
         print("(no closed-loop evaluation for --data runs: evaluate the checkpoint with evaluate.py)")
-    elif args.eval_episodes > 0 and rank == 0:
+    elif args.eval_episodes > 0:  # under torchrun every rank runs its share of the episodes
         t2 = time.time()
         _, text = evaluate.run_metaworld_eval(run_dir, args.eval_episodes, args.eval_seed, args.execution,
                                               args.tasks, out=run_dir, device=str(device),
@@ -660,7 +673,7 @@ def main(argv=None):
                f"({args.steps} steps), evaluation {t_eval:.0f} s")
     print(summary)
     if args.eval_episodes > 0 and not args.data and rank == 0:  # results.md: the table, then how it was made
-        flags = " ".join(f"--{k.replace('_', '-')} {','.join(v) if isinstance(v, list) else v}"
+        flags = " ".join(f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
                          for k, v in vars(args).items())
         with open(run_dir / "results.md", "a") as f:
             f.write(f"\n{summary} on {device} ({n_params / 1e6:.2f}M parameters).\n\n"

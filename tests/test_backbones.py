@@ -8,6 +8,7 @@ compare_with_transformers(family, hf_config_overrides, seed).
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -425,7 +426,8 @@ def test_flamingo_gates_at_zero_leave_the_lm_unchanged():
 
 def test_flamingo_text_attends_only_to_the_immediately_preceding_image():
     """At the gated cross-attention: image 0 at position 2, image 1 at position 6. Changing image 0 changes
-    tokens 2..5 only; tokens 0..1 (before any image) are left exactly as they were."""
+    tokens 2..5 only; tokens 0..1 (before any image) get no cross-attention update, only the gated feed-forward
+    (OpenFlamingo's helpers.py runs it on every token)."""
     torch.manual_seed(0)
     blk = backbones.GatedCrossAttention(32, 16, heads=4, head_dim=8)
     with torch.no_grad():
@@ -439,7 +441,8 @@ def test_flamingo_text_attends_only_to_the_immediately_preceding_image():
         diff = (blk(x, changed, media_pos, pos) - base).abs().amax(-1)  # (2, T)
         one = blk(x[:, 6:], media[:, 1])  # a single image seen by every token == image 1 for tokens 6..
     assert diff[:, 2:6].min() > 1e-4 and diff[:, 6:].max() == 0 and diff[:, :2].max() == 0
-    assert torch.equal(base[:, :2], x[:, :2])
+    ff_only = x[:, :2] + torch.tanh(blk.ff_gate) * blk.ff(blk.ff_norm(x[:, :2]))
+    assert (base[:, :2] - ff_only).abs().max() < 1e-6
     assert (one - base[:, 6:]).abs().max() < 1e-6
 
 
@@ -493,3 +496,309 @@ def test_released_architectures_map_key_for_key(family):
     assert used == set(params)
     n = sum(p.numel() for p in params.values()) / 1e9
     assert {"kosmos-2": 1.5 < n < 1.8, "paligemma": 2.8 < n < 3.0, "llava": 6.9 < n < 7.2}[family], n
+
+
+# ---- OpenFlamingo: a converted folder built from the real parts (open_clip ViT, transformers MPT) under the
+# ---- released checkpoint's key names; the Flamingo-specific math is re-stated below from open_flamingo's helpers.py
+
+OF_PERCEIVER = dict(depth=2, heads=2, dim_head=8, num_latents=4)
+
+
+def _of_flamingo_tensors(width, d, xattn_layers, g):
+    """Random perceiver + gated cross-attention tensors named as OpenFlamingo's state_dict (to_kv fused, ff.0/1/3,
+    gates non-zero so the media matter), each cross-attention also under its gated_cross_attn_layers alias."""
+    inner, p = OF_PERCEIVER["heads"] * OF_PERCEIVER["dim_head"], OF_PERCEIVER
+    r = lambda *s: 0.3 * torch.randn(*s, generator=g)  # noqa: E731
+    ln = lambda pre, n: {pre + "weight": 1 + r(n), pre + "bias": r(n)}  # noqa: E731
+    sd = {"perceiver.latents": torch.randn(p["num_latents"], width, generator=g), **ln("perceiver.norm.", width)}
+    for i in range(p["depth"]):
+        b = f"perceiver.layers.{i}."
+        sd.update({**ln(b + "0.norm_media.", width), **ln(b + "0.norm_latents.", width), **ln(b + "1.0.", width),
+                   b + "0.to_q.weight": r(inner, width), b + "0.to_kv.weight": r(2 * inner, width),
+                   b + "0.to_out.weight": r(width, inner), b + "1.1.weight": r(4 * width, width),
+                   b + "1.3.weight": r(width, 4 * width)})
+    for i in xattn_layers:
+        b = f"lang_encoder.transformer.blocks.{i}.gated_cross_attn_layer."
+        x = {**ln("attn.norm.", d), **ln("ff.0.", d), "attn.to_q.weight": r(inner, d),
+             "attn.to_kv.weight": r(2 * inner, width), "attn.to_out.weight": r(d, inner), "attn_gate": r(1),
+             "ff.1.weight": r(4 * d, d), "ff.3.weight": r(d, 4 * d), "ff_gate": r(1)}
+        sd.update({b + k: v for k, v in x.items()})
+        sd.update({f"lang_encoder.gated_cross_attn_layers.{i}.{k}": v.clone() for k, v in x.items()})
+    return sd
+
+
+def openflamingo_folder(folder, seed=0, mpt=None, every=2, image_size=28):
+    """Write a tiny OpenFlamingo folder as docs/backbones.md's conversion produces it: config.json +
+    model.safetensors holding open_clip's visual (`vision_encoder.*`), the perceiver, and the MPT LM with its
+    layers wrapped (`blocks.{i}.decoder_layer.*`, plus the `old_decoder_blocks` aliases). -> (hf MPT, visual)."""
+    import open_clip
+    from safetensors.torch import save_file
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    visual = open_clip.transformer.VisionTransformer(
+        image_size=image_size, patch_size=14, width=32, layers=2, heads=4, mlp_ratio=2.0, output_dim=16,
+        act_layer=open_clip.transformer.QuickGELU, output_tokens=True, final_ln_after_pool=True).eval()
+    cfg = transformers.MptConfig(**{**dict(d_model=32, n_heads=4, n_layers=4, vocab_size=VOCAB, max_seq_len=64),
+                                    **(mpt or {})})
+    lm = transformers.MptForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in list(visual.parameters()) + list(lm.parameters()):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    xl = [i for i in range(cfg.n_layers) if (i + 1) % every == 0]
+    sd = {"vision_encoder." + k: v for k, v in visual.state_dict().items()}
+    for k, v in lm.state_dict().items():
+        if k == "lm_head.weight":
+            continue  # tied to wte (OpenFlamingo saves the input embeddings only)
+        m = re.match(r"transformer\.blocks\.(\d+)\.(.*)", k)
+        if m:
+            sd[f"lang_encoder.transformer.blocks.{m[1]}.decoder_layer.{m[2]}"] = v
+            sd[f"lang_encoder.old_decoder_blocks.{m[1]}.{m[2]}"] = v.clone()
+        else:
+            sd["lang_encoder." + k] = v
+    sd.update(_of_flamingo_tensors(32, cfg.d_model, xl, g))
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(dict(model_type="openflamingo", cross_attn_every_n_layers=every, perceiver_config=OF_PERCEIVER,
+                       vision_config=dict(image_size=image_size, layers=2, width=32, patch_size=14, head_width=8,
+                                          mlp_ratio=2.0, quick_gelu=True),
+                       text_config=json.loads(cfg.to_json_string())), f)
+    return lm, visual, sd
+
+
+def _mpt_inputs(seed, batch=2, T=9):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, T), generator=g)
+    am = torch.ones_like(ids)
+    am[-1, -2:] = 0  # right padding on the last row
+    return ids, am
+
+
+def compare_mpt_with_transformers(mpt_overrides, seed, folder=None):
+    """Max |logit difference| over real tokens between transformers' MptForCausalLM and the MPT language model of
+    an OpenFlamingo folder loaded with backbones.load_vlm (no media, fp32). The sibling of
+    compare_with_transformers for the Flamingo family."""
+    import tempfile
+    if folder is None:
+        with tempfile.TemporaryDirectory(prefix="of_parity_") as tmp:
+            return compare_mpt_with_transformers(mpt_overrides, seed, tmp)
+    ref_model, _, _ = openflamingo_folder(folder, seed, mpt_overrides)
+    vlm = backbones.load_vlm(folder)
+    ids, am = _mpt_inputs(seed)
+    with torch.no_grad():
+        ref = ref_model(input_ids=ids, attention_mask=am).logits
+        h, _ = vlm.lm(vlm.embed_tokens(ids), None, mask=backbones.padding_attention_mask(am, ids.shape[1]))
+        ours = vlm.lm_logits(h)
+    real = am.bool()
+    assert ref[real].abs().max() > 0.1
+    return (ref[real] - ours[real]).abs().max().item()
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    dict(n_heads=6, d_model=48, n_layers=3),  # head count not a power of two: MPT's interleaved ALiBi slopes
+    dict(attn_config=dict(clip_qkv=0.3)),  # (transformers ignores expansion_ratio and alibi_bias_max)
+])
+def test_mpt_matches_transformers(overrides, tmp_path):
+    diff = compare_mpt_with_transformers(overrides, seed=len(str(overrides)), folder=tmp_path)
+    assert diff <= 1e-4, f"MPT {overrides}: max |logit diff| {diff:.3g}"
+
+
+def _ln(sd, pre, x):
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], sd[pre + "weight"], sd[pre + "bias"])
+
+
+def openflamingo_reference_logits(lm, visual, sd, ids, pixels, media_token, every=2):
+    """OpenFlamingo's forward re-stated from its helpers.py/flamingo_lm.py, on the fused checkpoint tensors:
+    open_clip patch tokens -> PerceiverResampler -> the MPT with a GatedCrossAttentionBlock run before every decoder
+    layer i with (i + 1) % every == 0. media_locations = (ids == <image>); a token attends only to the latest image
+    at or before it (text_time == media_time), tokens before any image get zeroed attention, the gated
+    feed-forward runs on every token. pixels (B, M, 3, S, S)."""
+    F, heads, n = torch.nn.functional, OF_PERCEIVER["heads"], OF_PERCEIVER["num_latents"]
+    split = lambda t: t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+
+    def attn(q, k, v, mask=None, zero=None):
+        s = split(q) @ split(k).transpose(-1, -2) * OF_PERCEIVER["dim_head"] ** -0.5
+        if mask is not None:
+            s = s.masked_fill(~mask, -torch.finfo(s.dtype).max)
+        a = s.softmax(-1)
+        a = a if zero is None else a.masked_fill(zero, 0.0)
+        return (a @ split(v)).transpose(1, 2).flatten(2)
+
+    B, M = pixels.shape[:2]
+    x = visual(pixels.flatten(0, 1))[1]  # (B*M, P, w) patch tokens (open_clip output_tokens)
+    lat = sd["perceiver.latents"].expand(x.shape[0], -1, -1)
+    for i in range(OF_PERCEIVER["depth"]):
+        b = f"perceiver.layers.{i}."
+        q = _ln(sd, b + "0.norm_latents.", lat)
+        k, v = (torch.cat([_ln(sd, b + "0.norm_media.", x), q], 1) @ sd[b + "0.to_kv.weight"].T).chunk(2, -1)
+        lat = lat + attn(q @ sd[b + "0.to_q.weight"].T, k, v) @ sd[b + "0.to_out.weight"].T
+        lat = lat + F.gelu(_ln(sd, b + "1.0.", lat) @ sd[b + "1.1.weight"].T) @ sd[b + "1.3.weight"].T
+    media = _ln(sd, "perceiver.norm.", lat).reshape(B, M * n, -1)
+    text_time = (ids == media_token).cumsum(-1)  # (B, T)
+    mask = text_time[:, None, :, None] == (torch.arange(M).repeat_interleave(n) + 1)  # (B, 1, T, M*n)
+    zero = (text_time == 0)[:, None, :, None]
+
+    def xattn(i):
+        b = f"lang_encoder.transformer.blocks.{i}.gated_cross_attn_layer."
+
+        def pre_hook(module, args):
+            h = args[0]
+            k, v = (media @ sd[b + "attn.to_kv.weight"].T).chunk(2, -1)
+            q = _ln(sd, b + "attn.norm.", h) @ sd[b + "attn.to_q.weight"].T
+            h = h + attn(q, k, v, mask, zero) @ sd[b + "attn.to_out.weight"].T * sd[b + "attn_gate"].tanh()
+            ff = F.gelu(_ln(sd, b + "ff.0.", h) @ sd[b + "ff.1.weight"].T) @ sd[b + "ff.3.weight"].T
+            return (h + ff * sd[b + "ff_gate"].tanh(),) + args[1:]
+        return pre_hook
+
+    hooks = [blk.register_forward_pre_hook(xattn(i)) for i, blk in enumerate(lm.transformer.blocks)
+             if (i + 1) % every == 0]
+    try:
+        return lm(input_ids=ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_openflamingo_folder_matches_its_parts(tmp_path):
+    """The converted folder loads key for key; vision = open_clip's forward; the whole model (images through the
+    perceiver and gated cross-attention into MPT) = OpenFlamingo's math on the checkpoint tensors; gates at 0 give
+    transformers' MPT logits exactly."""
+    import open_clip
+    lm, visual, sd = openflamingo_folder(tmp_path, seed=3)
+    vlm = backbones.load_vlm(str(tmp_path))
+    assert vlm.family == "openflamingo" and sorted(vlm.xattn) == ["1", "3"]
+    mapped = {t[0] for k in sd for t in backbones.openflamingo_key_to_ours(k)}
+    assert mapped == set(dict(vlm.named_parameters())) | {"vision.post_layernorm.weight", "vision.post_layernorm.bias"}
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(2, 2, 3, 28, 28, generator=g)  # (B, M images, 3, S, S)
+    with torch.no_grad():  # vision tower: open_clip's patch tokens, without ln_post (open_clip < 2.24) and with it
+        ours = vlm.vision(pixels[0])
+        assert (ours[:, 1:] - visual(pixels[0])[1]).abs().max() < 1e-5
+        post = open_clip.transformer.VisionTransformer(
+            image_size=28, patch_size=14, width=32, layers=2, heads=4, mlp_ratio=2.0, output_dim=16,
+            act_layer=open_clip.transformer.QuickGELU, output_tokens=True).eval()
+        post.load_state_dict(visual.state_dict())
+        assert (vlm.vision.post_layernorm(ours)[:, 1:] - post(pixels[0])[1]).abs().max() < 1e-5
+    MEDIA = 5  # the <image> id; row 0: token 0 comes before any image
+    ids = torch.randint(6, VOCAB, (2, 10), generator=g)
+    ids[0, [1, 6]] = MEDIA
+    ids[1, [0, 4]] = MEDIA
+    with torch.no_grad():
+        ref = openflamingo_reference_logits(lm, visual, sd, ids, pixels, MEDIA)
+        media = vlm.encode_images(pixels.flatten(0, 1)).view(2, 2, OF_PERCEIVER["num_latents"], -1)
+        media_pos = (ids == MEDIA).nonzero()[:, 1].view(2, 2)
+        pos = torch.arange(10).expand(2, -1)
+        out = vlm.lm_logits(vlm(vlm.embed_tokens(ids), pos, media=media, media_pos=media_pos)[0])
+        plain = lm(input_ids=ids).logits
+        assert (ref - plain).abs().max() > 1e-2  # the images matter
+        assert (out - ref).abs().max() < 1e-4
+        for blk in vlm.xattn.values():
+            blk.attn_gate.zero_(), blk.ff_gate.zero_()
+        gated0 = vlm.lm_logits(vlm(vlm.embed_tokens(ids), pos, media=media, media_pos=media_pos)[0])
+        assert torch.equal(gated0, vlm.lm_logits(vlm(vlm.embed_tokens(ids), pos)[0]))
+        assert (gated0 - plain).abs().max() < 1e-4
+
+
+def test_openflamingo_bad_keys(tmp_path):
+    openflamingo_folder(tmp_path / "a", seed=1)
+    _rewrite_safetensors(tmp_path / "a", lambda t: t.pop("perceiver.layers.1.0.to_kv.weight"))
+    with pytest.raises(ValueError, match=r"missing .*resampler\.layers\.1\.attn\.[kv]_proj\.weight"):
+        backbones.load_vlm(str(tmp_path / "a"))
+    _, _, sd = openflamingo_folder(tmp_path / "b", seed=1)  # a cross-attention where config.json has none
+    key = "lang_encoder.transformer.blocks.0.gated_cross_attn_layer.attn_gate"
+    _rewrite_safetensors(tmp_path / "b", lambda t: t.update({key: torch.zeros(1)}))
+    with pytest.raises(ValueError, match="do not belong"):
+        backbones.load_vlm(str(tmp_path / "b"))
+    openflamingo_folder(tmp_path / "c", seed=1)
+    _rewrite_safetensors(tmp_path / "c", lambda t: t.update(
+        {"vision_encoder.transformer.resblocks.0.attn.in_proj_weight": torch.zeros(3 * 32, 16)}))
+    with pytest.raises(ValueError, match=r"in_proj_weight' .* has shape \(96, 16\), expected \(96, 32\)"):
+        backbones.load_vlm(str(tmp_path / "c"))
+
+
+def test_vla_on_an_openflamingo_folder(tmp_path):
+    """A converted OpenFlamingo folder (MPT tokenizer.json with <|endofchunk|>, <image>, <PAD>) as --backbone:
+    a policy_head train step reaches the cross-attention gates, checkpoint, Policy.from_pretrained, act."""
+    import numpy as np
+    import vla
+    tk = pytest.importorskip("tokenizers", reason="MPT's tokenizer.json is read with the `tokenizers` package")
+    folder = tmp_path / "of"
+    openflamingo_folder(folder, seed=2, mpt=dict(vocab_size=300))
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer, tok.decoder = tk.pre_tokenizers.ByteLevel(add_prefix_space=False), tk.decoders.ByteLevel()
+    tok.train_from_iterator(LINES, tk.trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>"],
+                                                          initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens(["<|endofchunk|>", "<image>", "<PAD>"])
+    tok.save(str(folder / "tokenizer.json"))
+    c = vla.VLAConfig.tiny(backbone=str(folder), image_size=28, formulation="policy_head")
+    net = vla.VLA(c)
+    bb = net.backbone
+    assert bb.family == "openflamingo" and bb.tokenizer.decode(bb.tokenizer.encode("open the drawer")) == \
+        "open the drawer" and bb.tokenizer.pad_id == tok.token_to_id("<PAD>") < bb.vocab_size
+    H, L, V = c.window, c.chunk, len(c.views)
+    batch = {"images": torch.randint(0, 255, (2, H, V, 3, 28, 28), dtype=torch.uint8),
+             "actions": torch.rand(2, H, L, 7) * 2 - 1, "action_mask": torch.ones(2, H, L, dtype=torch.bool),
+             "instruction": ["open the drawer", "push the block"]}
+    loss, _ = net(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and bb.xattn["1"].attn_gate.grad is not None
+    stats = {"d": {k: [v] * 7 for k, v in dict(q01=-1.0, q99=1.0, mean=0.0, std=1.0, min=-1.0, max=1.0).items()}}
+    vla.save_checkpoint(tmp_path / "run", net, stats)
+    policy = vla.Policy.from_pretrained(tmp_path / "run", dataset_key="d")
+    obs = {"static": np.zeros((40, 40, 3), np.uint8), "wrist": np.zeros((40, 40, 3), np.uint8)}
+    assert policy.act(obs, "open the drawer").shape == (7,)
+
+
+def test_mpt_kv_cache_matches_the_full_pass(tmp_path):
+    openflamingo_folder(tmp_path, seed=4)
+    vlm = backbones.load_vlm(str(tmp_path))
+    x = vlm.embed_tokens(_mpt_inputs(4)[0])
+    with torch.no_grad():
+        full, _ = vlm(x, None)
+        head, cache = vlm(x[:, :6], None)
+        tail, cache = vlm(x[:, 6:], None, cache)
+    assert (torch.cat([head, tail], 1) - full).abs().max() < 1e-5 and cache[0][0].shape[2] == x.shape[1]
+
+
+def test_openflamingo_3b_maps_key_for_key():
+    """At full size on the meta device: open_clip's ViT-L/14 visual + transformers' MPT at MPT-1B's dimensions
+    (vocab resized to 50280 by OpenFlamingo's 3 added tokens) + the perceiver and 24 cross-attention blocks under
+    OpenFlamingo's names cover every parameter of backbones' default openflamingo model, shape for shape."""
+    import open_clip
+    mpt = dict(model_type="mpt", d_model=2048, n_heads=16, n_layers=24, vocab_size=50280, max_seq_len=2048)
+    with torch.device("meta"):
+        visual = open_clip.transformer.VisionTransformer(image_size=224, patch_size=14, width=1024, layers=24,
+                                                         heads=16, mlp_ratio=4.0, output_dim=768)
+        lm = transformers.MptForCausalLM(transformers.MptConfig(**mpt))
+        ours = backbones.openflamingo_from_config(dict(model_type="openflamingo", text_config=mpt))
+    shapes = {"vision_encoder." + k: v.shape for k, v in visual.state_dict().items()}
+    shapes.update({"lang_encoder." + re.sub(r"(blocks\.\d+)\.", r"\1.decoder_layer.", k): v.shape
+                   for k, v in lm.state_dict().items()})
+    inner, d, w = 512, 2048, 1024  # 8 heads x 64
+    shapes["perceiver.latents"] = (64, w)
+    for i in range(6):
+        b = f"perceiver.layers.{i}."
+        shapes.update({b + "0.to_q.weight": (inner, w), b + "0.to_kv.weight": (2 * inner, w),
+                       b + "0.to_out.weight": (w, inner), b + "1.1.weight": (4 * w, w), b + "1.3.weight": (w, 4 * w)})
+        shapes.update({b + n + s: (w,) for n in ("0.norm_media.", "0.norm_latents.", "1.0.")
+                       for s in ("weight", "bias")})
+    shapes.update({"perceiver.norm.weight": (w,), "perceiver.norm.bias": (w,)})
+    for i in range(24):
+        b = f"lang_encoder.transformer.blocks.{i}.gated_cross_attn_layer."
+        shapes.update({b + "attn.to_q.weight": (inner, d), b + "attn.to_kv.weight": (2 * inner, w),
+                       b + "attn.to_out.weight": (d, inner), b + "ff.1.weight": (4 * d, d),
+                       b + "ff.3.weight": (d, 4 * d), b + "attn_gate": (1,), b + "ff_gate": (1,)})
+        shapes.update({b + n + s: (d,) for n in ("attn.norm.", "ff.0.") for s in ("weight", "bias")})
+    params = dict(ours.named_parameters())
+    used = set()
+    for key, shape in shapes.items():
+        for name, _, n in backbones.openflamingo_key_to_ours(key):
+            if backbones._unused_checkpoint_key(ours, name):
+                continue
+            assert name in params, f"{key} -> {name} has no parameter"
+            assert (n * params[name].shape[0], *params[name].shape[1:]) == tuple(shape), key
+            used.add(name)
+    assert used == set(params)
+    total = sum(p.numel() for p in params.values()) / 1e9
+    assert 2.5 < total < 2.6, total  # ViT-L 0.30 B + MPT-1B 1.31 B + cross-attention 0.88 B + perceiver 0.06 B

@@ -42,8 +42,9 @@ and these methods:
   trainable_groups() -> {"vision": [params], "language": [params], "embeddings": [params]}
       how VLAConfig's train_vision / train_language / train_embeddings flags freeze parts.
 
-Families: `tiny` (first section below) and the pretrained Kosmos-2 / PaliGemma / LLaVA-1.5 families (section
-"pretrained families"). `tiny` is a small decoder-only VLM with random initialization
+Families: `tiny` (first section below), the pretrained Kosmos-2 / PaliGemma / LLaVA-1.5 families (section
+"pretrained families") and OpenFlamingo (Flamingo-style; its MPT LM and checkpoint layout close the file).
+`tiny` is a small decoder-only VLM with random initialization
 (ViT image encoder -> 2x2 patch-merge MLP projector -> causal transformer LM with RoPE, tied LM head, KV cache)
 and a byte-fallback BPE sentencepiece tokenizer trained on the fly from a built-in robot-instruction corpus.
 It is CPU-fast (about 1.05M parameters at the defaults) and exists so the whole VLA pipeline trains in
@@ -329,7 +330,7 @@ def build_backbone(name, image_size=None, tokenizer_path=None, **kwargs):
     if name == "tiny-flamingo":
         return tiny_flamingo(image_size or 64, tokenizer_path, **kwargs)
     raise ValueError(f"unknown backbone {name!r}; available: 'tiny', 'tiny-flamingo', {sorted(TINY_FAMILIES)} or "
-                     f"the path of a Hugging Face model folder (Kosmos-2, PaliGemma, LLaVA-1.5)")
+                     f"the path of a model folder (Kosmos-2, PaliGemma, LLaVA-1.5, converted OpenFlamingo)")
 
 
 # ---- pretrained families ----
@@ -475,9 +476,12 @@ class FamilyBlock(nn.Module):
         self.attn = Attention(d, n_heads, n_kv, head_dim, bias=bias, sub_ln_eps=eps if sub_ln else None)
         self.norm2 = _norm(norm, d, eps)
         self.mlp = FeedForward(d, mlp_dim, act, bias=bias, gated=gated, sub_ln_eps=eps if sub_ln else None)
+        self.parallel = False  # GPT-NeoX's parallel residual: x + attn(norm1 x) + mlp(norm2 x)
 
     def forward(self, x, rope=None, cache=None, mask=None, causal=False):
         h, cache = self.attn(self.norm1(x), rope, cache, mask, causal)
+        if self.parallel:
+            return x + h + self.mlp(self.norm2(x)), cache
         x = x + h
         return x + self.mlp(self.norm2(x)), cache
 
@@ -708,7 +712,8 @@ class PretrainedVLM(nn.Module):
             self.tokenizer_filename = "tokenizer.model"
         else:
             raise ValueError(f"unknown model_type {self.family!r} in config.json: supported are 'kosmos-2', "
-                             f"'paligemma' and 'llava' (Qwen-VL, MoonDream, UForm are not implemented)")
+                             f"'paligemma', 'llava' and 'openflamingo' (a converted OpenFlamingo folder, see "
+                             f"docs/backbones.md); Qwen-VL, MoonDream, UForm are not implemented")
         self.image_size, self.image_mean, self.image_std = v["image_size"], tuple(mean), tuple(std)
         attn = self.lm.layers[0].attn
         self.hidden_size, self.vocab_size = self.lm.embed_tokens.weight.shape[1], t["vocab_size"]
@@ -956,8 +961,11 @@ def load_vlm(path, dtype=torch.float32, device="cpu"):
                     else:  # one buffer of this tensor, split into its parts
                         buf = torch.empty(expected, dtype=header[key][0])
                         _read_into(f, header[key], buf)
-                        for (ours, _, _), part in zip(targets, buf.chunk(n)):
-                            params[ours].data.copy_(part)
+                        neox = key.endswith(("query_key_value.weight", "query_key_value.bias"))
+                        heads = vlm.lm.n_heads if neox else None
+                        parts = buf.chunk(n) if heads is None else buf.view(heads, n, -1, *expected[1:]).unbind(1)
+                        for (ours, _, _), part in zip(targets, parts):  # NeoX: rows ordered (head, q/k/v, dim)
+                            params[ours].data.copy_(part.reshape(params[ours].shape))
                 loaded.update(t[0] for t in targets)
     if unexpected:
         raise ValueError(f"{len(unexpected)} checkpoint tensors in {path} do not belong to a {vlm.family} model, "
@@ -1154,7 +1162,9 @@ class FlamingoVLM(nn.Module):
             attn.head_dim
         self.image_size, self.image_mean, self.image_std = image_size, tuple(mean), tuple(std)
 
-    def prompt(self, instruction):
+    def prompt(self, instruction):  # official RoboVLMs/RoboFlamingo: "<image>{instr}<|endofchunk|>" (+ EOS)
+        if {"<image>", "<|endofchunk|>"} <= set(getattr(self.tokenizer, "added", {})):
+            return f"<image>{instruction}<|endofchunk|>"
         return instruction
 
     def encode_images(self, x):  # (N, 3, S, S) -> (N, n_latents, media_d): CLIP patch tokens (CLS dropped)
@@ -1184,7 +1194,8 @@ class FlamingoVLM(nn.Module):
         return self.lm.lm_head(hidden)
 
     def trainable_groups(self):
-        return {"vision": list(self.vision.parameters()), "embeddings": [self.lm.embed_tokens.weight],
+        emb = [self.lm.embed_tokens.weight] + ([] if self.lm.tie else [self.lm.lm_head.weight])
+        return {"vision": list(self.vision.parameters()), "embeddings": emb,
                 "language": list(self.lm.layers.parameters()) + list(self.lm.norm.parameters())}
 
 
@@ -1208,7 +1219,7 @@ def tiny_flamingo(image_size=64, tokenizer_path=None, cross_attn_every=2):
     return m
 
 
-# ---- OpenFlamingo checkpoints (3B: MPT-1B, 9B: LLaMA-7B) converted once to safetensors (docs/backbones.md) ----
+# ---- OpenFlamingo checkpoints (LM: 3B MPT-1B, 4B GPT-NeoX RedPajama-3B, 9B MPT-7B or LLaMA-7B), converted once ----
 
 def alibi_slopes(n_heads, bias_max=8.0):
     """MPT's ALiBi slopes 2^(-bias_max k / n), k = 1..n, n = n_heads rounded up to a power of two; for other head
@@ -1262,6 +1273,29 @@ class MptLM(DecoderLM):
         return self.norm(x), new_cache
 
 
+class NeoXLM(DecoderLM):
+    """GPT-NeoX (OpenFlamingo-4B's RedPajama-INCITE-3B): LayerNorms and linears with biases, exact GELU, fused
+    query_key_value with rows ordered (head, q/k/v, dim) (split per head when loading), RoPE on the first
+    rotary_pct of each head, parallel residual when use_parallel_residual, untied embed_out."""
+
+    def __init__(self, c):
+        c = {**dict(hidden_act="gelu", layer_norm_eps=1e-5, rotary_pct=0.25, use_parallel_residual=True,
+                    tie_word_embeddings=False, attention_bias=True), **c}
+        if not c["attention_bias"] or c.get("rope_scaling"):
+            raise ValueError("GPT-NeoX without attention biases or with rope_scaling is not supported")
+        d, heads = c["hidden_size"], c["num_attention_heads"]
+        super().__init__(c["vocab_size"], d, c["num_hidden_layers"], heads, c["intermediate_size"], c["hidden_act"],
+                         "ln", c["layer_norm_eps"], bias=True, gated=False,
+                         rope_theta=c.get("rope_theta", c.get("rotary_emb_base", 10000.0)),
+                         tie=c["tie_word_embeddings"])
+        self.n_heads, self.rot = heads, int(d // heads * c["rotary_pct"])
+        for blk in self.layers:
+            blk.parallel = c["use_parallel_residual"]
+
+    def rope(self, x, positions):  # rotate the first `rot` dims of each head, pass the rest
+        return torch.cat([rope_rotate(x[..., :self.rot], positions, self.rope_theta), x[..., self.rot:]], -1)
+
+
 # open_clip ViT-L/14 with the "openai" weights (QuickGELU), OpenFlamingo's perceiver, MPT-1B (OpenFlamingo-3B)
 _OPENCLIP_L14 = dict(image_size=224, layers=24, width=1024, patch_size=14, head_width=64, mlp_ratio=4.0,
                      quick_gelu=True)
@@ -1279,11 +1313,13 @@ def openflamingo_from_config(cfg):
     kind = t.get("model_type", "mpt")
     if kind in ("mpt", "mosaic_gpt"):
         lm = MptLM(t)
+    elif kind == "gpt_neox":
+        lm = NeoXLM(t)
     elif kind == "llama":
         lm = _rope_decoder({**_LLAMA, **t}, gemma=False)
     else:
         raise ValueError(f"OpenFlamingo language model {kind!r} is not supported: expected 'mpt'/'mosaic_gpt' "
-                         f"(OpenFlamingo-3B) or 'llama' (OpenFlamingo-9B); GPT-NeoX (4B) is not implemented")
+                         f"(OpenFlamingo-3B), 'gpt_neox' (4B, RedPajama-INCITE-3B) or 'llama' (9B)")
     p = {**_OF_PERCEIVER, **(cfg.get("perceiver_config") or {})}
     m = FlamingoVLM(_vit(vis, clip=True), v["width"], lm, cfg.get("cross_attn_every_n_layers", 1), p["num_latents"],
                     p["depth"], p["heads"], p["dim_head"], v["image_size"],
@@ -1299,7 +1335,8 @@ def openflamingo_from_config(cfg):
 _OF_RENAMES = [
     (r"^lang_encoder\.old_decoder_blocks\..*|^vision_encoder\.proj$", ""),  # duplicates; CLIP's pooled projection
     (r"^lang_encoder\.gated_cross_attn_layers\.(\d+)\.", r"xattn.\1."),
-    (r"^lang_encoder\.(transformer\.blocks|model\.layers)\.(\d+)\.gated_cross_attn_layer\.", r"xattn.\2."),
+    (r"^lang_encoder\.(transformer\.blocks|model\.layers|gpt_neox\.layers)\.(\d+)\.gated_cross_attn_layer\.",
+     r"xattn.\2."),
     (r"\.decoder_layer\.", "."), (r"^(xattn\.\d+)\.attn\.norm\.", r"\1.norm."),
     (r"^perceiver\.layers\.(\d+)\.0\.(norm_media|norm_latents)\.", r"resampler.layers.\1.\2."),
     (r"^perceiver\.layers\.(\d+)\.0\.", r"resampler.layers.\1.attn."),
@@ -1317,7 +1354,12 @@ _OF_RENAMES = [
     (r"^lang_encoder\.transformer\.wte\.", "lm.embed_tokens."),
     (r"^lang_encoder\.transformer\.(norm_f|ln_f)\.", "lm.norm."),
     (r"^lang_encoder\.transformer\.blocks\.", "lm.layers."), (r"^lang_encoder\.lm_head\.", "lm.lm_head."),
-    (r"^lang_encoder\.", "language_model."),  # LLaMA (9B): then the Hugging Face renames
+    (r"^lang_encoder\.gpt_neox\.embed_in\.", "lm.embed_tokens."), (r"^lang_encoder\.embed_out\.", "lm.lm_head."),
+    (r"^lang_encoder\.gpt_neox\.final_layer_norm\.", "lm.norm."), (r"^lang_encoder\.gpt_neox\.layers\.", "lm.layers."),
+    (r"\.attention\.query_key_value\.", ".attn.{qkv}_proj."), (r"\.attention\.dense\.", ".attn.o_proj."),
+    (r"\.input_layernorm\.", ".norm1."), (r"\.post_attention_layernorm\.", ".norm2."),
+    (r"\.mlp\.dense_h_to_4h\.", ".mlp.fc1."), (r"\.mlp\.dense_4h_to_h\.", ".mlp.fc2."),
+    (r"^lang_encoder\.", "language_model."),  # LLaMA (first-release 9B): then the Hugging Face renames
 ]
 
 

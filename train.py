@@ -56,7 +56,7 @@ def parse_args(argv=None):
     a.add_argument("--backbone", default="tiny")
     a.add_argument("--head", default="lstm", choices=["mlp", "lstm", "gpt"], help="policy-head trunk")
     a.add_argument("--window", type=int, default=2, help="H, history frames")
-    a.add_argument("--chunk", type=int, default=4, help="L, actions predicted per frame")
+    a.add_argument("--chunk", type=int, default=8, help="L, actions predicted per frame")
     a.add_argument("--action-loss", default="huber", choices=["huber", "mse", "flow"])
     a.add_argument("--moe", action="store_true",
                    help="pi0-style mixture-of-experts action expert (Table IIb; one_step_continuous only)")
@@ -172,15 +172,6 @@ def build_model(args):
 def lr_at(step, base_lr, warmup):
     """Linear warmup from 0 to base_lr over `warmup` steps, then constant (the paper's schedule)."""
     return base_lr * min(1.0, (step + 1) / max(1, warmup))
-
-
-def batches(dataset, batch_size, seed, workers=0):
-    """Endless shuffled batches (a new permutation every epoch), collated by the default collate."""
-    g = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                         generator=g, num_workers=workers, persistent_workers=workers > 0)
-    while True:
-        yield from loader
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -451,15 +442,19 @@ def load_train_state(ckpt_dir, net, model, opt, sched, rank=0, fsdp=False):
 
 
 def check_finite(step, world, device, loss, gnorm, last_ckpt):
-    """Stop (NonFiniteLoss) if the loss or gradient norm is NaN/inf on any rank, before the optimizer steps."""
-    bad = torch.tensor([float(not (math.isfinite(loss) and math.isfinite(gnorm)))], device=device)
+    """Stop (NonFiniteLoss) if the loss or gradient norm is NaN/inf on any rank, before the optimizer steps.
+    Returns the loss averaged over the ranks (what gets logged)."""
+    bad_loss = torch.tensor([float(not (math.isfinite(loss) and math.isfinite(gnorm))), loss], device=device,
+                            dtype=torch.float64)
     if world > 1:
-        torch.distributed.all_reduce(bad)
-    if bad.item() > 0:
+        torch.distributed.all_reduce(bad_loss)
+    bad, loss = bad_loss[0].item(), bad_loss[1].item() / world
+    if bad > 0:
         raise NonFiniteLoss(f"non-finite loss or gradient at step {step + 1} (loss {loss}, grad norm {gnorm}): "
                             f"stopped before the optimizer step. The last good checkpoint is "
                             f"{last_ckpt or 'none (no checkpoint was written yet)'}; resume from it with "
                             f"--resume RUN_DIR, e.g. with a lower --lr or a smaller --clip")
+    return loss
 
 
 
@@ -564,7 +559,7 @@ def train(args, model, dataset, run_dir, device, rank=0, world=1, stats=None):
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip)
-        check_finite(step, world, device, loss_sum, float(gnorm), last_ckpt)
+        loss_sum = check_finite(step, world, device, loss_sum, float(gnorm), last_ckpt)  # -> mean over ranks
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
@@ -580,8 +575,10 @@ def train(args, model, dataset, run_dir, device, rank=0, world=1, stats=None):
                                          args.fsdp, args.keep_ckpts)
     if tb is not None:
         tb.close()
-    if log is not None and log.rows:
-        plot_loss_curve([r["step"] for r in log.rows], [r["loss"] for r in log.rows], run_dir / "loss_curve.png")
+    if log is not None and log.rows:  # the whole run's curve (a resumed run's CSV holds the earlier steps too)
+        with open(run_dir / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        plot_loss_curve([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], run_dir / "loss_curve.png")
     return log.rows if log is not None else []
 
 

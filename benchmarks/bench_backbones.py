@@ -1,6 +1,6 @@
 """CPU forward latency of backbones.load_vlm models vs transformers on the same checkpoint, and load_vlm's peak memory.
 
-    python benchmarks/bench_backbones.py [--families kosmos-2 paligemma llava] [--reps 5] [--depth-div 1]
+    python benchmarks/bench_backbones.py [--families kosmos-2 paligemma llava openflamingo] [--reps 5] [--depth-div 1]
     python benchmarks/bench_backbones.py --memory-gb 1.2     # peak RSS of load_vlm on a >1 GB checkpoint
 
 Latency: each family at its real depth and head layout but 1/8 width (Kosmos-2: CLIP-L/14 224 px + 24-layer
@@ -58,9 +58,31 @@ def paired_median_times(fn_a, fn_b, reps):
     return sorted(ta)[reps // 2], sorted(tb)[reps // 2]
 
 
+def flamingo_lm_latency(reps, depth_div):
+    """OpenFlamingo-3B's MPT-1B at 1/8 width (d 256, 24 layers, 16 heads) from an OpenFlamingo folder vs
+    transformers' MptForCausalLM, 2 x 96 text tokens (the images enter through cross-attention, not timed)."""
+    import test_backbones as tb
+    mpt = dict(d_model=256, n_heads=16, n_layers=max(1, 24 // depth_div), vocab_size=8192, max_seq_len=128)
+    with tempfile.TemporaryDirectory() as d:
+        model, _, _ = tb.openflamingo_folder(d, 0, mpt, every=1)
+        ours = backbones.load_vlm(d)
+    ids = torch.randint(0, 8192, (2, 96))
+    pos = torch.arange(96).expand(2, -1)
+    run = lambda: ours.lm_logits(ours(ours.embed_tokens(ids), pos)[0])  # noqa: E731
+    with torch.no_grad():
+        diff = (model(input_ids=ids).logits - run()).abs().max().item()
+        t_hf, t_ours = paired_median_times(lambda: model(input_ids=ids), run, reps)
+    n = sum(p.numel() for p in ours.lm.parameters()) / 1e6
+    print(f"{'of-mpt':10s} {n:6.1f}M params, 96 tokens x 2: transformers {t_hf * 1e3:7.1f} ms  ours "
+          f"{t_ours * 1e3:7.1f} ms CPU  ratio ours/transformers {t_ours / t_hf:.2f}  (max |logit diff| {diff:.1e})")
+
+
 def latency(families, reps, depth_div):
     import test_backbones as tb
     for family in families:
+        if family == "openflamingo":
+            flamingo_lm_latency(reps, depth_div)
+            continue
         ov = eighth_width(family)
         text_depth = "layers" if family == "kosmos-2" else "num_hidden_layers"
         for part, key in (("vision", "num_hidden_layers"), ("text", text_depth)):
@@ -103,7 +125,7 @@ def memory(gb):
 
 if __name__ == "__main__":
     a = argparse.ArgumentParser()
-    a.add_argument("--families", nargs="+", default=["kosmos-2", "paligemma", "llava"])
+    a.add_argument("--families", nargs="+", default=["kosmos-2", "paligemma", "llava", "openflamingo"])
     a.add_argument("--reps", type=int, default=5)
     a.add_argument("--threads", type=int, default=1, help="torch threads (times are CPU time, so keep 1)")
     a.add_argument("--depth-div", type=int, default=1, help="divide every tower's depth (quicker runs)")

@@ -504,7 +504,7 @@ def test_released_architectures_map_key_for_key(family):
 OF_PERCEIVER = dict(depth=2, heads=2, dim_head=8, num_latents=4)
 
 
-def _of_flamingo_tensors(width, d, xattn_layers, g):
+def _of_flamingo_tensors(width, d, xattn_layers, g, layers="transformer.blocks"):
     """Random perceiver + gated cross-attention tensors named as OpenFlamingo's state_dict (to_kv fused, ff.0/1/3,
     gates non-zero so the media matter), each cross-attention also under its gated_cross_attn_layers alias."""
     inner, p = OF_PERCEIVER["heads"] * OF_PERCEIVER["dim_head"], OF_PERCEIVER
@@ -518,7 +518,7 @@ def _of_flamingo_tensors(width, d, xattn_layers, g):
                    b + "0.to_out.weight": r(width, inner), b + "1.1.weight": r(4 * width, width),
                    b + "1.3.weight": r(width, 4 * width)})
     for i in xattn_layers:
-        b = f"lang_encoder.transformer.blocks.{i}.gated_cross_attn_layer."
+        b = f"lang_encoder.{layers}.{i}.gated_cross_attn_layer."
         x = {**ln("attn.norm.", d), **ln("ff.0.", d), "attn.to_q.weight": r(inner, d),
              "attn.to_kv.weight": r(2 * inner, width), "attn.to_out.weight": r(d, inner), "attn_gate": r(1),
              "ff.1.weight": r(4 * d, d), "ff.3.weight": r(d, 4 * d), "ff_gate": r(1)}
@@ -527,10 +527,23 @@ def _of_flamingo_tensors(width, d, xattn_layers, g):
     return sd
 
 
-def openflamingo_folder(folder, seed=0, mpt=None, every=2, image_size=28):
-    """Write a tiny OpenFlamingo folder as docs/backbones.md's conversion produces it: config.json +
-    model.safetensors holding open_clip's visual (`vision_encoder.*`), the perceiver, and the MPT LM with its
-    layers wrapped (`blocks.{i}.decoder_layer.*`, plus the `old_decoder_blocks` aliases). -> (hf MPT, visual)."""
+LM_CLASSES = {"mpt": ("MptConfig", "MptForCausalLM", "transformer.blocks"),
+              "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", "gpt_neox.layers"),
+              "llama": ("LlamaConfig", "LlamaForCausalLM", "model.layers")}
+TINY_LM = {"mpt": dict(d_model=32, n_heads=4, n_layers=4, vocab_size=VOCAB, max_seq_len=64),
+           "gpt_neox": dict(hidden_size=32, num_attention_heads=4, num_hidden_layers=4, intermediate_size=64,
+                            vocab_size=VOCAB, max_position_embeddings=64),
+           "llama": dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4,
+                         intermediate_size=64, vocab_size=VOCAB)}
+
+
+def openflamingo_folder(folder, seed=0, mpt=None, every=2, image_size=28, lm_type="mpt", wrapped=True):
+    """Write a tiny converted OpenFlamingo folder: config.json + model.safetensors holding open_clip's visual
+    (`vision_encoder.*`), the perceiver, the cross-attention and the MPT LM, its layers named as an OpenFlamingo
+    model's state_dict names them (`blocks.{i}.decoder_layer.*` plus the `old_decoder_blocks` aliases) or, with
+    wrapped=False, as the base LM names them (docs/backbones.md's merge). lm_type "gpt_neox" (4B) or "llama"
+    (first-release 9B): that LM instead (mpt= overrides its config). -> (transformers LM, open_clip visual, tensors).
+    """
     import open_clip
     from safetensors.torch import save_file
     torch.manual_seed(seed)
@@ -538,24 +551,24 @@ def openflamingo_folder(folder, seed=0, mpt=None, every=2, image_size=28):
     visual = open_clip.transformer.VisionTransformer(
         image_size=image_size, patch_size=14, width=32, layers=2, heads=4, mlp_ratio=2.0, output_dim=16,
         act_layer=open_clip.transformer.QuickGELU, output_tokens=True, final_ln_after_pool=True).eval()
-    cfg = transformers.MptConfig(**{**dict(d_model=32, n_heads=4, n_layers=4, vocab_size=VOCAB, max_seq_len=64),
-                                    **(mpt or {})})
-    lm = transformers.MptForCausalLM(cfg).eval()
+    conf, cls, layers = LM_CLASSES[lm_type]
+    cfg = getattr(transformers, conf)(**{**TINY_LM[lm_type], **(mpt or {})})
+    lm = getattr(transformers, cls)(cfg).eval()
     with torch.no_grad():
         for p in list(visual.parameters()) + list(lm.parameters()):
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    xl = [i for i in range(cfg.n_layers) if (i + 1) % every == 0]
+    xl = [i for i in range(cfg.num_hidden_layers) if (i + 1) % every == 0]
     sd = {"vision_encoder." + k: v for k, v in visual.state_dict().items()}
     for k, v in lm.state_dict().items():
-        if k == "lm_head.weight":
-            continue  # tied to wte (OpenFlamingo saves the input embeddings only)
-        m = re.match(r"transformer\.blocks\.(\d+)\.(.*)", k)
-        if m:
-            sd[f"lang_encoder.transformer.blocks.{m[1]}.decoder_layer.{m[2]}"] = v
+        if k in ("lm_head.weight", "embed_out.weight") and cfg.tie_word_embeddings:
+            continue  # tied to the input embeddings (saved once)
+        m = re.match(layers.replace(".", r"\.") + r"\.(\d+)\.(.*)", k)
+        if m and wrapped:
+            sd[f"lang_encoder.{layers}.{m[1]}.decoder_layer.{m[2]}"] = v
             sd[f"lang_encoder.old_decoder_blocks.{m[1]}.{m[2]}"] = v.clone()
         else:
             sd["lang_encoder." + k] = v
-    sd.update(_of_flamingo_tensors(32, cfg.d_model, xl, g))
+    sd.update(_of_flamingo_tensors(32, cfg.hidden_size, xl, g, layers))
     os.makedirs(folder, exist_ok=True)
     save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(folder, "model.safetensors"))
     with open(os.path.join(folder, "config.json"), "w") as f:
@@ -574,34 +587,39 @@ def _mpt_inputs(seed, batch=2, T=9):
     return ids, am
 
 
-def compare_mpt_with_transformers(mpt_overrides, seed, folder=None):
-    """Max |logit difference| over real tokens between transformers' MptForCausalLM and the MPT language model of
-    an OpenFlamingo folder loaded with backbones.load_vlm (no media, fp32). The sibling of
-    compare_with_transformers for the Flamingo family."""
+def compare_flamingo_lm_with_transformers(lm_type, overrides, seed, folder=None):
+    """Max |logit difference| over real tokens between transformers' MptForCausalLM (lm_type "mpt") or
+    GPTNeoXForCausalLM ("gpt_neox") and the language model of an OpenFlamingo folder loaded with
+    backbones.load_vlm (no media, fp32). The sibling of compare_with_transformers for the Flamingo family."""
     import tempfile
     if folder is None:
         with tempfile.TemporaryDirectory(prefix="of_parity_") as tmp:
-            return compare_mpt_with_transformers(mpt_overrides, seed, tmp)
-    ref_model, _, _ = openflamingo_folder(folder, seed, mpt_overrides)
+            return compare_flamingo_lm_with_transformers(lm_type, overrides, seed, tmp)
+    ref_model, _, _ = openflamingo_folder(folder, seed, overrides, lm_type=lm_type)
     vlm = backbones.load_vlm(folder)
     ids, am = _mpt_inputs(seed)
     with torch.no_grad():
         ref = ref_model(input_ids=ids, attention_mask=am).logits
-        h, _ = vlm.lm(vlm.embed_tokens(ids), None, mask=backbones.padding_attention_mask(am, ids.shape[1]))
+        pos = torch.arange(ids.shape[1]).expand(len(ids), -1)
+        h, _ = vlm.lm(vlm.embed_tokens(ids), pos, mask=backbones.padding_attention_mask(am, ids.shape[1]))
         ours = vlm.lm_logits(h)
     real = am.bool()
     assert ref[real].abs().max() > 0.1
     return (ref[real] - ours[real]).abs().max().item()
 
 
-@pytest.mark.parametrize("overrides", [
-    {},
-    dict(n_heads=6, d_model=48, n_layers=3),  # head count not a power of two: MPT's interleaved ALiBi slopes
-    dict(attn_config=dict(clip_qkv=0.3)),  # (transformers ignores expansion_ratio and alibi_bias_max)
+@pytest.mark.parametrize("lm_type,overrides", [
+    ("mpt", {}),
+    ("mpt", dict(n_heads=6, d_model=48, n_layers=3)),  # head count not a power of two: interleaved ALiBi slopes
+    ("mpt", dict(attn_config=dict(clip_qkv=0.3))),  # (transformers ignores expansion_ratio and alibi_bias_max)
+    ("gpt_neox", {}),  # parallel residual, RoPE on a quarter of each head
+    ("gpt_neox", dict(use_parallel_residual=False, rotary_pct=1.0, num_attention_heads=2,
+                      tie_word_embeddings=True)),
+    ("llama", {}),  # the first OpenFlamingo-9B's LLaMA-7B layout
 ])
-def test_mpt_matches_transformers(overrides, tmp_path):
-    diff = compare_mpt_with_transformers(overrides, seed=len(str(overrides)), folder=tmp_path)
-    assert diff <= 1e-4, f"MPT {overrides}: max |logit diff| {diff:.3g}"
+def test_flamingo_lms_match_transformers(lm_type, overrides, tmp_path):
+    diff = compare_flamingo_lm_with_transformers(lm_type, overrides, seed=len(str(overrides)), folder=tmp_path)
+    assert diff <= 1e-4, f"{lm_type} {overrides}: max |logit diff| {diff:.3g}"
 
 
 def _ln(sd, pre, x):
@@ -724,7 +742,7 @@ def test_vla_on_an_openflamingo_folder(tmp_path):
     import vla
     tk = pytest.importorskip("tokenizers", reason="MPT's tokenizer.json is read with the `tokenizers` package")
     folder = tmp_path / "of"
-    openflamingo_folder(folder, seed=2, mpt=dict(vocab_size=300))
+    openflamingo_folder(folder, seed=2, mpt=dict(vocab_size=300), wrapped=False)  # the docs' merge layout
     tok = tk.Tokenizer(tk.models.BPE())
     tok.pre_tokenizer, tok.decoder = tk.pre_tokenizers.ByteLevel(add_prefix_space=False), tk.decoders.ByteLevel()
     tok.train_from_iterator(LINES, tk.trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>"],
@@ -736,6 +754,8 @@ def test_vla_on_an_openflamingo_folder(tmp_path):
     bb = net.backbone
     assert bb.family == "openflamingo" and bb.tokenizer.decode(bb.tokenizer.encode("open the drawer")) == \
         "open the drawer" and bb.tokenizer.pad_id == tok.token_to_id("<PAD>") < bb.vocab_size
+    ids = bb.tokenizer.encode(bb.prompt("open the drawer"))  # RoboFlamingo's "<image>{instr}<|endofchunk|>"
+    assert ids[0] == tok.token_to_id("<image>") and ids[-1] == tok.token_to_id("<|endofchunk|>")
     H, L, V = c.window, c.chunk, len(c.views)
     batch = {"images": torch.randint(0, 255, (2, H, V, 3, 28, 28), dtype=torch.uint8),
              "actions": torch.rand(2, H, L, 7) * 2 - 1, "action_mask": torch.ones(2, H, L, dtype=torch.bool),

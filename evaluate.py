@@ -1216,13 +1216,14 @@ def evaluate_simpler(policy_for, tasks="all", overlay_dir=None, out_dir=None, ma
 # N. Command line
 # -----------------------------------------------------------------------------------------------------------
 
-def run_metaworld_eval(ckpt, episodes=10, seed=0, execution="chunk", tasks=None, out=None, gifs=True,
+def run_metaworld_eval(ckpt, episodes=10, seed=0, execution=None, tasks=None, out=None, gifs=True,
                        device="cpu", progress=True, workers=None):
     """Load a run directory's Policy and re-run the Meta-World protocol; writes results.md under `out`."""
     from vla import Policy
     ckpt = Path(ckpt)
     train_args = json.loads((ckpt / "train_args.json").read_text()) if (ckpt / "train_args.json").exists() else {}
     tasks = tasks or train_args.get("tasks") or list(DEFAULT_TASKS)
+    execution = execution or train_args.get("execution", "chunk")  # default: as train.py evaluated it
     rank, world = _dist_rank_world()  # under torchrun: episodes are sharded over the ranks
     if device == "cuda" and world > 1:
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
@@ -1295,9 +1296,10 @@ def main(argv=None):
     p.add_argument("--benchmark", default="metaworld", choices=["metaworld", "calvin", "simpler"])
     p.add_argument("--episodes", type=int, default=10, help="episodes per task")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed (same seed -> same numbers)")
-    p.add_argument("--execution", default="chunk", choices=["chunk", "first", "ensemble"],
+    p.add_argument("--execution", default=None, choices=["chunk", "first", "ensemble"],
                    help="chunk: run the whole predicted chunk open loop; first: re-plan every step; "
-                        "ensemble: ACT temporal ensembling")
+                        "ensemble: ACT temporal ensembling (default: metaworld the run's own train.py "
+                        "--execution, calvin/simpler first)")
     p.add_argument("--tasks", default=None, help="comma-separated Meta-World tasks (default: the run's tasks)")
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/eval_<benchmark>_seed<S>_<exec>)")
     p.add_argument("--device", default="cpu")
@@ -1329,13 +1331,13 @@ def main(argv=None):
     elif args.benchmark == "calvin":
         if not args.calvin_root:
             raise SystemExit("--benchmark calvin needs --calvin-root DIR (a CALVIN split that holds validation/)")
-        _, text = run_calvin_eval(args.ckpt, args.calvin_root, args.out, args.execution, args.dataset_key,
+        _, text = run_calvin_eval(args.ckpt, args.calvin_root, args.out, args.execution or "first", args.dataset_key,
                                   args.device, args.calvin_sequences, args.num_sequences, args.calvin_instructions,
                                   args.calvin_novel)
         if _dist_rank_world()[0] == 0:
             print(text)
     elif args.benchmark == "simpler":
-        _, text = run_simpler_eval(args.ckpt, args.task, args.out, args.execution, args.dataset_key, args.device,
+        _, text = run_simpler_eval(args.ckpt, args.task, args.out, args.execution or "first", args.dataset_key, args.device,
                                    args.simpler_overlays, args.max_episodes)
         print(text)
 

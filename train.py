@@ -85,7 +85,9 @@ def parse_args(argv=None):
     o.add_argument("--log-every", type=int, default=25)
     o.add_argument("--out", default="runs/default")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--execution", default="chunk", choices=["chunk", "first", "ensemble"])
+    e.add_argument("--execution", default="ensemble", choices=["chunk", "first", "ensemble"],
+                   help="chunk: the L actions open loop; first: re-plan every step; ensemble: ACT temporal "
+                   "ensembling (re-plans every step; best here: 70/86%% vs chunk 60/78%% on eval seeds 0/1)")
     e.add_argument("--eval-episodes", type=int, default=10, help="episodes per task (0 = skip evaluation)")
     e.add_argument("--eval-seed", type=int, default=0)
     e.add_argument("--max-steps", type=int, default=200, help="evaluation episode step limit")
@@ -670,11 +672,26 @@ def main(argv=None):
                f"({args.steps} steps), evaluation {t_eval:.0f} s")
     print(summary)
     if args.eval_episodes > 0 and not args.data and rank == 0:  # results.md: the table, then how it was made
-        flags = " ".join(f"--{k.replace('_', '-')} {','.join(map(str, v)) if isinstance(v, list) else v}"
-                         for k, v in vars(args).items())
+        flags = reproduce_flags(args)
         with open(run_dir / "results.md", "a") as f:
             f.write(f"\n{summary} on {device} ({n_params / 1e6:.2f}M parameters).\n\n"
                     f"`python train.py {flags}`\n")
+
+
+def reproduce_flags(args):
+    """The flags that rebuild this run: only those that differ from the defaults, in argparse's own syntax."""
+    default, out = vars(parse_args([])), []
+    for k, v in vars(args).items():
+        if k == "resume" or v == default.get(k):
+            continue
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):  # store_true flags default to False; --shift-aug/--no-shift-aug defaults to True
+            out.append(flag if v else "--no-" + flag[2:])
+        elif isinstance(v, list):  # --tasks/--views are comma-separated, --data/--data-weights space-separated
+            out.append(f"{flag} {(',' if k in ('tasks', 'views') else ' ').join(map(str, v))}")
+        else:
+            out.append(f"{flag} {v}")
+    return " ".join(out)
 
 
 if __name__ == "__main__":

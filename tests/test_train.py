@@ -78,3 +78,14 @@ def test_smoke_whole_path(tmp_path, capsys):
                                            progress=False)
     assert {t: r["policy"] for t, r in again.items()} == {t: r["policy"] for t, r in results.items()}
     assert (tmp_path / "ev" / "results.md").is_file()
+
+
+def test_reproduce_flags_round_trip():
+    # results.md prints the command that rebuilt a run: it must parse back to the same flags
+    import train
+    argv = ["--moe", "--no-shift-aug", "--data", "a.h5", "b.h5", "--data-weights", "3", "1",
+            "--tasks", "drawer-open,door-open", "--steps", "5", "--execution", "first"]
+    a = train.parse_args(argv)
+    flags = train.reproduce_flags(a)
+    assert vars(train.parse_args(flags.split())) == vars(a)
+    assert train.reproduce_flags(train.parse_args([])) == ""

@@ -8,13 +8,7 @@ import backbones
 import heads
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the CI box has 2 cores shared by several jobs: intra-op threads only add contention for these tiny models
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_flow_time_follows_beta_1p5_1():

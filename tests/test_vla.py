@@ -17,13 +17,7 @@ MICRO = dict(image_size=32, head_width=64, head_layers=1, head_heads=2, head_mlp
 INSTR = ["pick up the red block", "open the drawer"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # 2 shared cores: intra-op threads only add contention for models this small
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def micro(**kw):

@@ -311,15 +311,20 @@ class NonFiniteLoss(RuntimeError):
 
 
 def rng_state():
+    """Every RNG the run draws from, as tensors and plain Python values, so torch.load(weights_only=True) reads it
+    back (numpy's key array becomes a tensor: a pickled ndarray would need the unsafe full unpickler)."""
     import random
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                      gauss),
+            "python": random.getstate(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s):
     import random
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(s["python"])
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -417,7 +422,7 @@ def load_train_state(ckpt_dir, net, model, opt, sched, rank=0, fsdp=False):
     """Restore weights, optimizer, scheduler and this rank's RNG from a checkpoint directory; -> step."""
     from safetensors.torch import load_file
     ckpt_dir = Path(ckpt_dir)
-    state = torch.load(ckpt_dir / "train_state.pt", map_location="cpu", weights_only=False)
+    state = torch.load(ckpt_dir / "train_state.pt", map_location="cpu", weights_only=True)
     model_sd = load_file(ckpt_dir / "model.safetensors")
     try:
         if fsdp:
@@ -436,7 +441,7 @@ def load_train_state(ckpt_dir, net, model, opt, sched, rank=0, fsdp=False):
     sched.load_state_dict(state["scheduler"])
     rng_file = ckpt_dir / f"rng_rank{rank}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(torch.load(rng_file, weights_only=True))
     else:
         warnings.warn(f"{ckpt_dir} has no RNG state for rank {rank} (saved with {state['world_size']} "
                       f"processes): training continues, but not bit-identically")

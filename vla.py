@@ -839,18 +839,56 @@ def _atomic_write(path, write):
     os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
 
 
+def _tied_aliases(module):
+    """{alias: kept name} for state-dict entries that are one and the same tensor (tied weights, e.g. an LM head
+    that reuses the embedding): the file stores each once, under the first name in sorted order (the name
+    safetensors.torch.save_model keeps, so files written by it load too)."""
+    groups = {}
+    for k, v in module.state_dict(keep_vars=True).items():
+        key = (v.device, v.data_ptr(), tuple(v.shape), v.stride()) if v.numel() else k
+        groups.setdefault(key, []).append(k)
+    return {a: sorted(g)[0] for g in groups.values() for a in sorted(g)[1:]}
+
+
+def save_weights(module, path):
+    """module's weights -> a safetensors file. Not safetensors.torch.save_model: on CUDA, cuDNN packs an
+    LSTM's weights into one flat buffer (flatten_parameters) and save_model refuses tensors that share a
+    buffer without covering it; such views are copied out here (the rest is written as is)."""
+    from safetensors.torch import save_file
+    alias = _tied_aliases(module)
+    sd = {}
+    for k, v in module.state_dict().items():
+        if k in alias:
+            continue
+        v = v.detach().contiguous()
+        if v.untyped_storage().nbytes() != v.numel() * v.element_size():
+            v = v.clone()  # a view into a bigger buffer: its own storage
+        sd[k] = v
+    save_file(sd, path, metadata={"format": "pt"})
+
+
+def load_weights(module, path):
+    """A safetensors file -> module, strictly: every weight present (tied aliases excepted), none unknown."""
+    from safetensors.torch import load_file
+    sd = load_file(path)
+    missing, unexpected = module.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if k not in _tied_aliases(module)]
+    if missing or unexpected:
+        raise RuntimeError(f"missing weights {missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected "
+                           f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+
+
 def save_checkpoint(run_dir, vla, stats, extra=None):
     """Write the checkpoint files into run_dir (each atomically; config.json last marks completeness).
 
     stats: {dataset_key: stats dict from compute_action_stats}; extra: JSON-able dict (step, metrics, ...).
     """
-    from safetensors.torch import save_model
     if not isinstance(stats, dict) or not stats or "q01" in stats or \
             not all(isinstance(s, dict) and "q01" in s for s in stats.values()):
         raise ValueError("save_checkpoint needs stats as {dataset_key: compute_action_stats(...)}, e.g. "
                          "{'metaworld': stats}; got " + repr(stats)[:200])
     os.makedirs(run_dir, exist_ok=True)
-    _atomic_write(os.path.join(run_dir, "model.safetensors"), lambda p: save_model(vla, p))
+    _atomic_write(os.path.join(run_dir, "model.safetensors"), lambda p: save_weights(vla, p))
     _atomic_write(os.path.join(run_dir, vla.backbone.tokenizer_filename), vla.backbone.tokenizer.save)
 
     def dump(obj):
@@ -862,7 +900,6 @@ def save_checkpoint(run_dir, vla, stats, extra=None):
 
 def load_checkpoint(run_dir, device="cpu"):
     """-> (vla in eval mode, stats {dataset_key: stats}, extra dict)."""
-    from safetensors.torch import load_model
     need = ["config.json", "model.safetensors", "action_stats.json"]
     missing = [f for f in need if not os.path.isfile(os.path.join(run_dir, f))]
     if missing:
@@ -876,7 +913,7 @@ def load_checkpoint(run_dir, device="cpu"):
     tok_file = os.path.join(run_dir, backbones.TinyVLM.tokenizer_filename)
     vla = VLA(config, tokenizer_path=tok_file if os.path.isfile(tok_file) else None)
     try:
-        load_model(vla, os.path.join(run_dir, "model.safetensors"), strict=True)
+        load_weights(vla, os.path.join(run_dir, "model.safetensors"))
     except RuntimeError as e:
         raise RuntimeError(f"weights in {run_dir}/model.safetensors do not fit the model built from its "
                            f"config.json ({e}); was the checkpoint written by another version?") from None

@@ -18,6 +18,7 @@ vision-language pre-training. Compare the ordering of the variants, not the valu
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -102,6 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=0, help="processes for demos and evaluation (0 = all cores)")
     p.add_argument("--train-args", default="", help="extra train.py flags for every run, e.g. '--chunk 8'")
     p.add_argument("--out", default="runs/findings", help="root of the run directories and the tables")
+    p.add_argument("--only", default=None, metavar="TEXT", help="run only the variants whose label contains TEXT "
+                   "(e.g. '0.1x'), to split a sweep over processes; no table is written")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--force", action="store_true", help="re-run finished runs")
     args = p.parse_args(argv)
@@ -157,19 +160,48 @@ def run_variant(args, table, variant, seed):
             if show(c) not in PRINTED:
                 PRINTED.add(show(c))
                 print("  $", show(c))
-        return None, 0.0
-    timing = abs_run / "findings_time.json"
-    times = json.loads(timing.read_text()) if timing.exists() and not args.force else {}
-    if args.force or not (abs_run / "config.json").exists() or "train" not in times:
-        times["train"] = run(tcmd, abs_run / "train.log")
-        timing.write_text(json.dumps(times))
-    if args.force or not (ROOT / eout / "results.json").exists() or variant.execution not in times:
-        times[variant.execution] = run(ecmd, abs_run / f"eval_{variant.execution}.log")
-        timing.write_text(json.dumps(times))
-    seconds = times["train"] + times[variant.execution]
+        return None, {}
+    with run_lock(abs_run):  # several findings.py processes may share one sweep (e.g. one per core)
+        timing = abs_run / "findings_time.json"
+        times = json.loads(timing.read_text()) if timing.exists() and not args.force else {}
+        if args.force or not (abs_run / "config.json").exists() or "train" not in times:
+            times["train"] = run(tcmd, abs_run / "train.log")
+            timing.write_text(json.dumps(times))
+        if args.force or not (ROOT / eout / "results.json").exists() or variant.execution not in times:
+            times[variant.execution] = run(ecmd, abs_run / f"eval_{variant.execution}.log")
+            timing.write_text(json.dumps(times))
     results = json.loads((ROOT / eout / "results.json").read_text())
     success = sum(r["policy"] for r in results.values()) / len(results)
-    return success, seconds
+    return success, {str(run_dir): times["train"], f"{run_dir}:{variant.execution}": times[variant.execution]}
+
+
+@contextlib.contextmanager
+def run_lock(run_dir):
+    """Hold RUN/findings.lock (holding our pid) while training/evaluating RUN; another process waits for it.
+    A lock left by a process that no longer exists is taken over."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / "findings.lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text() or "0")
+                os.kill(pid, 0)  # raises if that process is gone
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)
+                continue
+            except PermissionError:
+                pass  # alive, another user's
+            time.sleep(10)
+            continue
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def hardware():
@@ -197,7 +229,7 @@ def markdown(args, spec, rows, wall):
              f"Meta-World tasks: {args.tasks or 'train.py default'}; {args.steps} training steps; "
              f"{args.episodes} evaluation episodes per task (evaluation seed {args.eval_seed}); training seeds "
              f"{','.join(map(str, args.seeds))}; extra train.py flags: `{args.train_args or 'none'}`.",
-             f"Hardware: {hardware()}. Wall time (training + evaluation, all runs of this table): {wall / 60:.1f} min.",
+             f"Hardware: {hardware()}. Wall time (each training once, plus every evaluation): {wall / 60:.1f} min.",
              "", "| variant | execution | success (mean ± std over seeds) | per seed | paper |",
              "|---|---|---:|---|---:|"]
     for v, vals in rows:
@@ -246,19 +278,22 @@ def main(argv=None):
     for name in names:
         spec = TABLES[name]
         print(f"# {spec['title']}")
-        rows, wall = [], 0.0
+        rows, seconds_by_job = [], {}  # a run trained once but evaluated several ways counts once
         for v in spec["variants"]:
+            if args.only and args.only not in v.label:
+                continue
             vals = []
             for seed in args.seeds:
                 success, seconds = run_variant(args, name, v, seed)
-                wall += seconds
+                seconds_by_job.update(seconds)
                 if success is not None:
                     vals.append(success)
-                    print(f"  {v.label} ({v.execution}) seed {seed}: {100 * success:.0f}% success, {seconds:.0f} s")
+                    print(f"  {v.label} ({v.execution}) seed {seed}: {100 * success:.0f}% success, "
+                          f"{sum(seconds.values()):.0f} s (training + evaluation)")
             rows.append((v, vals))
-        if args.dry_run:
+        if args.dry_run or args.only:
             continue
-        text = markdown(args, spec, rows, wall)
+        text = markdown(args, spec, rows, sum(seconds_by_job.values()))
         out = ROOT / args.out
         (out / f"{name}.md").write_text(text)
         bar_chart(spec["title"], rows, out / f"{name}.png")

@@ -12,6 +12,11 @@ RUN_ROOT/<table>.png (a bar chart drawn with pillow). Finished runs are reused, 
   python benchmarks/findings.py --table data            # Extended Table 4: 10% vs 100% of the demonstrations
   python benchmarks/findings.py --table all --dry-run   # print every command, run nothing
 
+Several processes may share one sweep (each run directory is locked while it trains and evaluates), e.g. one
+single-threaded process per core: OMP_NUM_THREADS=1 python benchmarks/findings.py --table formulations
+--workers 1 --train-args "--threads 1 --loader-workers 0" & (the same for --table objectives) & wait.
+--only TEXT runs just the variants whose label contains TEXT (no table written).
+
 The paper's numbers are CALVIN results (consecutive-task success and Avg. Len. out of 5) of multi-billion
 parameter backbones; ours are Meta-World success rates of the ~1M-parameter `tiny` VLM without any
 vision-language pre-training. Compare the ordering of the variants, not the values.
@@ -97,8 +102,9 @@ def parse_args(argv=None):
     p.add_argument("--table", default="all", choices=[*TABLES, "all"])
     p.add_argument("--seeds", default="0,1,2", help="training seeds (each also draws its own demonstrations)")
     p.add_argument("--tasks", default=None, help="comma-separated Meta-World tasks (default: train.py's)")
-    p.add_argument("--steps", type=int, default=3000, help="training steps per run (train.py --steps)")
-    p.add_argument("--episodes", type=int, default=10, help="evaluation episodes per task")
+    p.add_argument("--steps", type=int, default=1200, help="training steps per run (train.py --steps; the main "
+                   "job trains 3500: the sweep's 30 runs must fit a 2-core machine)")
+    p.add_argument("--episodes", type=int, default=5, help="evaluation episodes per task")
     p.add_argument("--eval-seed", type=int, default=0, help="the same evaluation episodes for every variant")
     p.add_argument("--workers", type=int, default=0, help="processes for demos and evaluation (0 = all cores)")
     p.add_argument("--train-args", default="", help="extra train.py flags for every run, e.g. '--chunk 8'")

@@ -399,7 +399,8 @@ def save_train_state(run_dir, step, net, model, opt, sched, stats, args, rank=0,
                     "args": vars(args)}, tmp / "train_state.pt")
     barrier(world)
     if rank == 0:
-        manifest = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+        files = sorted(f for f in tmp.rglob("*") if f.is_file())  # incl. backbone/ (a pretrained folder's config)
+        manifest = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(final, ignore_errors=True)  # a damaged checkpoint of this step left by an earlier attempt
         os.replace(tmp, final)  # the atomic step: readers see no checkpoint or a complete one

@@ -917,8 +917,10 @@ def checkpoint_files(path):
                             f"safetensors (see docs/backbones.md)")
 
 
-def load_vlm(path, dtype=torch.float32, device="cpu"):
+def load_vlm(path, dtype=torch.float32, device="cpu", weights=True):
     """A Hugging Face model folder -> PretrainedVLM with its weights and tokenizer, in eval mode.
+    weights=False: the architecture and tokenizer only, parameters left uninitialized (vla.load_checkpoint
+    fills them from a run's model.safetensors; the folder then needs no weight files).
     The model is built on the meta device, then each tensor is read from the safetensors file straight into its
     parameter's memory (no memory map, no second copy of the checkpoint). Every parameter must be found
     with the right shape and every checkpoint tensor used (or known to be unused), else a clear error."""
@@ -929,7 +931,7 @@ def load_vlm(path, dtype=torch.float32, device="cpu"):
                                 f"config.json, *.safetensors and the tokenizer's sentencepiece file")
     with open(cfg_path) as f:
         cfg = json.load(f)
-    files = checkpoint_files(path)
+    files = checkpoint_files(path) if weights else {}
     flamingo = cfg.get("model_type") == "openflamingo"
     with torch.device("meta"):
         vlm = openflamingo_from_config(cfg) if flamingo else PretrainedVLM(cfg)
@@ -970,7 +972,7 @@ def load_vlm(path, dtype=torch.float32, device="cpu"):
     if unexpected:
         raise ValueError(f"{len(unexpected)} checkpoint tensors in {path} do not belong to a {vlm.family} model, "
                          f"e.g. {unexpected[:4]}: is config.json's model_type right for these weights?")
-    missing = sorted(set(params) - loaded)
+    missing = sorted(set(params) - loaded) if weights else []
     if missing:
         raise ValueError(f"{len(missing)} weights are missing from the checkpoint in {path}, e.g. {missing[:4]} "
                          f"(our names): the download is incomplete or from a different architecture")
@@ -1082,12 +1084,12 @@ def tiny_family_config(family, image_size=64, vocab_size=778, patch=16):
 
 
 def build_pretrained_family(name, image_size=None, tokenizer_path=None, dtype=torch.float32, device="cpu",
-                            resampler=None):
+                            resampler=None, weights=True):
     """build_backbone's branch for the families above: a Hugging Face folder path, or a tiny-* preset (random
     init like transformers': N(0, 0.02) weights, zero biases; tokenizer trained on the fly or reloaded).
     resampler=n: add a perceiver resampler to n latents (e.g. backbone_kwargs={"resampler": 64} for LLaVA)."""
     if name not in TINY_FAMILIES:
-        vlm = load_vlm(name, dtype=dtype, device=device)  # the folder's tokenizer; tokenizer_path is not needed
+        vlm = load_vlm(name, dtype=dtype, device=device, weights=weights)  # the folder's own tokenizer
         return vlm.add_resampler(resampler) if resampler else vlm
     tok = SentencePieceTokenizer.load(tokenizer_path) if tokenizer_path else SentencePieceTokenizer.train_tiny()
     vlm = PretrainedVLM(tiny_family_config(TINY_FAMILIES[name], image_size or 64, tok.vocab_size + 256 + 10))

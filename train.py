@@ -55,6 +55,9 @@ def parse_args(argv=None):
     a.add_argument("--formulation", default="policy_head", choices=vla.FORMULATIONS)
     a.add_argument("--backbone", default="tiny")
     a.add_argument("--head", default="lstm", choices=["mlp", "lstm", "gpt"], help="policy-head trunk")
+    a.add_argument("--head-size", default="auto", choices=["auto", "tiny", "paper"], help="head widths: tiny = "
+                   "VLAConfig.tiny (LSTM 2x128, CPU), paper = VLAConfig.paper (LSTM 4x1024, MLP 1024-512-256, GPT 8 "
+                   "layers); auto = paper for a pretrained backbone folder, tiny otherwise")
     a.add_argument("--window", type=int, default=2, help="H, history frames")
     a.add_argument("--chunk", type=int, default=8, help="L, actions predicted per frame")
     a.add_argument("--action-loss", default="huber", choices=["huber", "mse", "flow"])
@@ -165,11 +168,22 @@ def build_data_mixture(args):
     return sets[0] if len(sets) == 1 else data.MixtureDataset(list(zip(sets, w)), seed=args.seed)
 
 
+def head_preset(flag, backbone):
+    """--head-size auto -> "paper" for a pretrained backbone folder, "tiny" for the CPU backbones."""
+    if flag != "auto":
+        return flag
+    return "paper" if os.path.isdir(os.path.expanduser(backbone)) else "tiny"
+
+
 def build_model(args):
-    config = vla.VLAConfig.tiny(formulation=args.formulation, backbone=args.backbone, head=args.head,
-                                window=args.window, chunk=args.chunk, action_loss=args.action_loss,
-                                views=tuple(args.views), image_size=args.image_size,
-                                moe=getattr(args, "moe", False), shift_aug=getattr(args, "shift_aug", True))
+    """VLAConfig from the flags. The preset only decides the head's sizes (and window/chunk/image size defaults,
+    which the flags always override): the paper's for a pretrained backbone folder, the CPU ones for tiny."""
+    preset = vla.VLAConfig.paper if head_preset(getattr(args, "head_size", "auto"), args.backbone) == "paper" \
+        else vla.VLAConfig.tiny
+    config = preset(formulation=args.formulation, backbone=args.backbone, head=args.head,
+                    window=args.window, chunk=args.chunk, action_loss=args.action_loss,
+                    views=tuple(args.views), image_size=args.image_size,
+                    moe=getattr(args, "moe", False), shift_aug=getattr(args, "shift_aug", True))
     return vla.VLA(config)
 
 
@@ -385,7 +399,8 @@ def save_train_state(run_dir, step, net, model, opt, sched, stats, args, rank=0,
                     "args": vars(args)}, tmp / "train_state.pt")
     barrier(world)
     if rank == 0:
-        manifest = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+        files = sorted(f for f in tmp.rglob("*") if f.is_file())  # incl. backbone/ (a pretrained folder's config)
+        manifest = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         shutil.rmtree(final, ignore_errors=True)  # a damaged checkpoint of this step left by an earlier attempt
         os.replace(tmp, final)  # the atomic step: readers see no checkpoint or a complete one

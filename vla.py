@@ -346,6 +346,7 @@ import collections
 import dataclasses
 import json
 import os
+import shutil
 
 import torch.nn as nn
 
@@ -460,11 +461,15 @@ class VLA(nn.Module):
     trainable_parameters() lists what the optimizer should see.
     """
 
-    def __init__(self, config, tokenizer_path=None):
+    def __init__(self, config, tokenizer_path=None, backbone_folder=None):
         super().__init__()
         self.config = c = config.validate()
-        self.backbone = backbones.build_backbone(c.backbone, image_size=c.image_size, tokenizer_path=tokenizer_path,
-                                                 **c.backbone_kwargs)
+        if backbone_folder:  # load_checkpoint: the run's copy of the folder (no weights; the run's file has them)
+            self.backbone = backbones.build_pretrained_family(backbone_folder, c.image_size, weights=False,
+                                                              **c.backbone_kwargs)
+        else:
+            self.backbone = backbones.build_backbone(c.backbone, image_size=c.image_size,
+                                                     tokenizer_path=tokenizer_path, **c.backbone_kwargs)
         bb = self.backbone
         if bb.image_size != c.image_size:
             raise ValueError(f"backbone {c.backbone} takes {bb.image_size}px images but config.image_size is "
@@ -878,6 +883,20 @@ def load_weights(module, path):
                            f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
 
 
+def _copy_backbone_files(folder, dst):
+    """A pretrained backbone folder's config and tokenizer files (not its weights: model.safetensors of the run
+    holds every weight) -> dst, so that the run directory alone rebuilds the model."""
+    if os.path.isfile(os.path.join(dst, "config.json")):
+        return  # copied at an earlier checkpoint of this run (the folder's files do not change)
+    tmp = f"{dst}.tmp{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    for name in os.listdir(folder):
+        src = os.path.join(folder, name)
+        if os.path.isfile(src) and not name.endswith((".safetensors", ".safetensors.index.json", ".bin", ".pt")):
+            shutil.copyfile(src, os.path.join(tmp, name))
+    os.replace(tmp, dst)
+
+
 def save_checkpoint(run_dir, vla, stats, extra=None):
     """Write the checkpoint files into run_dir (each atomically; config.json last marks completeness).
 
@@ -894,6 +913,8 @@ def save_checkpoint(run_dir, vla, stats, extra=None):
     def dump(obj):
         return lambda p: open(p, "w").write(json.dumps(obj, indent=1))
     _atomic_write(os.path.join(run_dir, "action_stats.json"), dump(stats))
+    if os.path.isdir(os.path.expanduser(vla.config.backbone)):  # a pretrained folder: keep its small files
+        _copy_backbone_files(os.path.expanduser(vla.config.backbone), os.path.join(run_dir, "backbone"))
     cfg = {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(vla.config), "extra": extra or {}}
     _atomic_write(os.path.join(run_dir, "config.json"), dump(cfg))
 
@@ -911,7 +932,9 @@ def load_checkpoint(run_dir, device="cpu"):
         raise ValueError(f"{run_dir}/config.json is not a {CHECKPOINT_FORMAT} checkpoint config")
     config = VLAConfig.from_dict(cfg["config"])
     tok_file = os.path.join(run_dir, backbones.TinyVLM.tokenizer_filename)
-    vla = VLA(config, tokenizer_path=tok_file if os.path.isfile(tok_file) else None)
+    folder = os.path.join(run_dir, "backbone")  # a pretrained backbone's config + tokenizer (save_checkpoint)
+    vla = VLA(config, tokenizer_path=tok_file if os.path.isfile(tok_file) else None,
+              backbone_folder=folder if os.path.isfile(os.path.join(folder, "config.json")) else None)
     try:
         load_weights(vla, os.path.join(run_dir, "model.safetensors"))
     except RuntimeError as e:

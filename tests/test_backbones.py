@@ -822,3 +822,35 @@ def test_openflamingo_3b_maps_key_for_key():
     assert used == set(params)
     total = sum(p.numel() for p in params.values()) / 1e9
     assert 2.5 < total < 2.6, total  # ViT-L 0.30 B + MPT-1B 1.31 B + cross-attention 0.88 B + perceiver 0.06 B
+
+
+def test_run_directory_alone_rebuilds_a_folder_backbone(tmp_path):
+    """A run trained on a Hugging Face folder keeps that folder's config and tokenizer (not its weights) in
+    RUN/backbone/, so the run loads after the folder is gone, with the run's weights, to the same actions."""
+    import shutil
+    import numpy as np
+    import vla
+    model = hf_model("kosmos-2", {"vision": dict(image_size=56)}, 6)
+    folder = tmp_path / "kosmos"
+    model.save_pretrained(folder)
+    sp = _train_spm(tmp_path / "sp", unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+    tok = transformers.XLMRobertaTokenizer(sp)
+    tok.add_tokens(["<image>", "</image>", "<grounding>"], special_tokens=True)
+    tok.save_pretrained(folder)
+    net = vla.VLA(vla.VLAConfig.tiny(backbone=str(folder), image_size=56, formulation="policy_head")).eval()
+    with torch.no_grad():
+        net.backbone.lm.layers[0].attn.q_proj.weight.add_(0.5)  # "trained": differs from the folder's weights
+    stats = {"d": {"q01": [-1.0] * 7, "q99": [1.0] * 7, "mean": [0.0] * 7, "std": [1.0] * 7, "min": [-1.0] * 7,
+                   "max": [1.0] * 7}}
+    vla.save_checkpoint(tmp_path / "run", net, stats)
+    kept = sorted(p.name for p in (tmp_path / "run" / "backbone").iterdir())
+    assert "config.json" in kept and not any(n.endswith(".safetensors") for n in kept)
+    shutil.rmtree(folder)
+    policy = vla.Policy.from_pretrained(tmp_path / "run", dataset_key="d", execution="first")
+    for k, v in net.state_dict().items():
+        assert torch.equal(policy.vla.state_dict()[k], v), k
+    ref = vla.Policy(net, stats, execution="first")
+    rng = np.random.default_rng(0)
+    obs = {"static": rng.integers(0, 255, (56, 56, 3), dtype=np.uint8),
+           "wrist": rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)}
+    np.testing.assert_allclose(policy.act(obs, "open the drawer"), ref.act(obs, "open the drawer"), atol=1e-5)

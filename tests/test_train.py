@@ -89,3 +89,16 @@ def test_reproduce_flags_round_trip():
     flags = train.reproduce_flags(a)
     assert vars(train.parse_args(flags.split())) == vars(a)
     assert train.reproduce_flags(train.parse_args([])) == ""
+
+
+def test_head_size_follows_the_backbone(tmp_path):
+    """A pretrained backbone folder gets the paper's head (LSTM 4 x 1024, MLP 1024-512-256), the CPU backbones
+    the tiny one; --head-size forces either, and the window/chunk/image-size flags always win over a preset."""
+    assert train.head_preset("auto", "tiny") == "tiny"
+    assert train.head_preset("auto", str(tmp_path)) == "paper"  # any existing folder: a Hugging Face model
+    assert train.head_preset("tiny", str(tmp_path)) == "tiny"
+    small = train.build_model(train.parse_args([])).config
+    assert (small.head_width, small.head_layers) == (128, 2)
+    big = train.build_model(train.parse_args(["--head-size", "paper"])).config
+    assert (big.head_width, big.head_layers, big.head_mlp) == (1024, 4, (1024, 512, 256))
+    assert (big.window, big.chunk, big.image_size) == (2, 8, 64)  # train.py's flags, not the preset's 16/10/224

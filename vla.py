@@ -464,12 +464,10 @@ class VLA(nn.Module):
     def __init__(self, config, tokenizer_path=None, backbone_folder=None):
         super().__init__()
         self.config = c = config.validate()
-        if backbone_folder:  # load_checkpoint: the run's copy of the folder (no weights; the run's file has them)
-            self.backbone = backbones.build_pretrained_family(backbone_folder, c.image_size, weights=False,
-                                                              **c.backbone_kwargs)
-        else:
-            self.backbone = backbones.build_backbone(c.backbone, image_size=c.image_size,
-                                                     tokenizer_path=tokenizer_path, **c.backbone_kwargs)
+        # backbone_folder (load_checkpoint): the run's copy of a pretrained folder, without weights (the run has them)
+        no_weights = {"weights": False} if backbone_folder else {}
+        self.backbone = backbones.build_backbone(backbone_folder or c.backbone, image_size=c.image_size,
+                                                 tokenizer_path=tokenizer_path, **c.backbone_kwargs, **no_weights)
         bb = self.backbone
         if bb.image_size != c.image_size:
             raise ValueError(f"backbone {c.backbone} takes {bb.image_size}px images but config.image_size is "
@@ -877,7 +875,8 @@ def load_weights(module, path):
     from safetensors.torch import load_file
     sd = load_file(path)
     missing, unexpected = module.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if k not in _tied_aliases(module)]
+    aliases = _tied_aliases(module)
+    missing = [k for k in missing if k not in aliases]
     if missing or unexpected:
         raise RuntimeError(f"missing weights {missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected "
                            f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")

@@ -326,18 +326,25 @@ def test_tokenizer_matches_transformers(family, tmp_path):
         assert ours.decode(ref).strip() == hf.decode(ref, skip_special_tokens=True).strip(), text
 
 
-def test_vla_on_a_hugging_face_folder(tmp_path):
-    """The user flow: a Kosmos-2 folder (weights + sentencepiece tokenizer) as --backbone, train step, checkpoint,
-    Policy.from_pretrained, act."""
-    import numpy as np
-    import vla
-    model = hf_model("kosmos-2", {"vision": dict(image_size=56)}, 5)
+def _kosmos_folder(tmp_path, seed):
+    """A tiny random Kosmos-2 saved as a Hugging Face folder (56 px) with its sentencepiece tokenizer and the
+    <image> / </image> / <grounding> added tokens. -> (folder, transformers tokenizer)."""
+    model = hf_model("kosmos-2", {"vision": dict(image_size=56)}, seed)
     folder = tmp_path / "kosmos"
     model.save_pretrained(folder)
     sp = _train_spm(tmp_path / "sp", unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
     tok = transformers.XLMRobertaTokenizer(sp)
     tok.add_tokens(["<image>", "</image>", "<grounding>"], special_tokens=True)
     tok.save_pretrained(folder)
+    return folder, tok
+
+
+def test_vla_on_a_hugging_face_folder(tmp_path):
+    """The user flow: a Kosmos-2 folder (weights + sentencepiece tokenizer) as --backbone, train step, checkpoint,
+    Policy.from_pretrained, act."""
+    import numpy as np
+    import vla
+    folder, tok = _kosmos_folder(tmp_path, seed=5)
     c = vla.VLAConfig.tiny(backbone=str(folder), image_size=56, formulation="policy_head")
     policy_net = vla.VLA(c)
     bb = policy_net.backbone
@@ -830,13 +837,7 @@ def test_run_directory_alone_rebuilds_a_folder_backbone(tmp_path):
     import shutil
     import numpy as np
     import vla
-    model = hf_model("kosmos-2", {"vision": dict(image_size=56)}, 6)
-    folder = tmp_path / "kosmos"
-    model.save_pretrained(folder)
-    sp = _train_spm(tmp_path / "sp", unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
-    tok = transformers.XLMRobertaTokenizer(sp)
-    tok.add_tokens(["<image>", "</image>", "<grounding>"], special_tokens=True)
-    tok.save_pretrained(folder)
+    folder, _ = _kosmos_folder(tmp_path, seed=6)
     net = vla.VLA(vla.VLAConfig.tiny(backbone=str(folder), image_size=56, formulation="policy_head")).eval()
     with torch.no_grad():
         net.backbone.lm.layers[0].attn.q_proj.weight.add_(0.5)  # "trained": differs from the folder's weights

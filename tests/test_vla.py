@@ -229,16 +229,19 @@ def test_checkpoint_roundtrip(tmp_path):
         Policy.from_pretrained(tmp_path / "nothing")
 
 
-
 def test_weights_in_one_flat_buffer_and_tied_weights_save_and_load(tmp_path):
     """On CUDA, cuDNN packs an LSTM's weights into one flat buffer (flatten_parameters); safetensors'
     save_model refuses such views (found on an H200: the first CUDA checkpoint crashed). Rebuild that layout
     on the CPU, tie two weights as an LM head does, and check save_weights/load_weights round-trip both."""
     from safetensors.torch import save_model
-    torch.manual_seed(0)
-    net = torch.nn.ModuleDict({"emb": torch.nn.Embedding(10, 4), "head": torch.nn.Linear(4, 10, bias=False),
-                               "lstm": torch.nn.LSTM(4, 8, num_layers=1, batch_first=True)})
-    net["head"].weight = net["emb"].weight  # tied
+
+    def make(seed):
+        torch.manual_seed(seed)
+        m = torch.nn.ModuleDict({"emb": torch.nn.Embedding(10, 4), "head": torch.nn.Linear(4, 10, bias=False),
+                                 "lstm": torch.nn.LSTM(4, 8, num_layers=1, batch_first=True)})
+        m["head"].weight = m["emb"].weight  # tied, as an LM head
+        return m
+    net = make(0)
     weights = list(net["lstm"].parameters())
     flat = torch.cat([w.detach().flatten() for w in weights])
     offset = 0
@@ -249,10 +252,7 @@ def test_weights_in_one_flat_buffer_and_tied_weights_save_and_load(tmp_path):
     with pytest.raises(RuntimeError, match="storage"):
         save_model(net, str(tmp_path / "refused.safetensors"))  # the reference library's behaviour
     vla.save_weights(net, str(tmp_path / "w.safetensors"))
-    torch.manual_seed(1)
-    fresh = torch.nn.ModuleDict({"emb": torch.nn.Embedding(10, 4), "head": torch.nn.Linear(4, 10, bias=False),
-                                 "lstm": torch.nn.LSTM(4, 8, num_layers=1, batch_first=True)})
-    fresh["head"].weight = fresh["emb"].weight
+    fresh = make(1)
     vla.load_weights(fresh, str(tmp_path / "w.safetensors"))
     for k, v in net.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
@@ -261,6 +261,7 @@ def test_weights_in_one_flat_buffer_and_tied_weights_save_and_load(tmp_path):
         assert "head.weight" not in f.keys() and "emb.weight" in f.keys()  # the tied tensor is stored once
     with pytest.raises(RuntimeError, match="missing weights"):
         vla.load_weights(torch.nn.ModuleDict({"other": torch.nn.Linear(2, 2)}), str(tmp_path / "w.safetensors"))
+
 
 def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="moe and flow do not apply"):

@@ -1342,5 +1342,16 @@ def main(argv=None):
         print(text)
 
 
+def _end_distributed():
+    """Leave the process group before exiting: gloo's threads still running at interpreter exit abort the
+    process ("terminate called without an active exception", SIGABRT), so torchrun saw about half the runs fail."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        _end_distributed()

@@ -723,4 +723,7 @@ def reproduce_flags(args):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        evaluate._end_distributed()  # under torchrun: leave the process group (gloo threads abort at exit)

@@ -123,9 +123,12 @@ class Command:
     notes: list  # what the limits changed (logged)
 
 
-def safe_command(action, pose, dt, lim):
+def safe_command(action, pose, dt, lim, max_hold=None):
     """Training-convention action (7,) at tool pose (6,) -> a Command held for dt seconds. Raises Fault on NaN,
-    wrong shape or out-of-range actions; scales to the per-step limits, clamps to the box, caps the speed."""
+    wrong shape or out-of-range actions; scales to the per-step limits, clamps to the box, caps the speed.
+    pose: where the tool is when the command takes effect; dt: how long the command will be held (the step is
+    spread over it); max_hold: the longest it can be held (the deadman's timeout, >= dt): the twist must not
+    leave the box even then."""
     a = np.asarray(action, dtype=np.float64)
     if a.shape != (7,) or not np.isfinite(a).all():
         raise Fault(f"policy action must be 7 finite numbers, got shape {a.shape}: {a}")
@@ -140,7 +143,13 @@ def safe_command(action, pose, dt, lim):
     clamped = np.clip(target, np.minimum(lim.box_lo, p), np.maximum(lim.box_hi, p))
     if not np.allclose(clamped, target):
         notes.append(f"workspace: target {np.round(target, 4)} clamped to {np.round(clamped, 4)}")
-    lin = _cap((clamped - p) / dt, lim.speed_m, "speed limit: linear (m/s)", notes)
+    lin = (clamped - p) / dt
+    if max_hold is not None and max_hold > dt:  # a late next command keeps this twist for up to max_hold
+        lo, hi = (np.minimum(lim.box_lo, p) - p) / max_hold, (np.maximum(lim.box_hi, p) - p) / max_hold
+        if np.any(lin < lo) or np.any(lin > hi):
+            notes.append(f"workspace: twist {np.round(lin, 4)} m/s slowed to stay in the box for {max_hold:.3f} s")
+            lin = np.clip(lin, lo, hi)
+    lin = _cap(lin, lim.speed_m, "speed limit: linear (m/s)", notes)
     ang = _cap(rv / dt, lim.speed_rad, "speed limit: angular (rad/s)", notes)
     return Command(lin, ang, 0.0 if a[6] > 0 else 1.0, notes)  # +1 open -> Robotiq 0 (open)
 
@@ -449,8 +458,9 @@ def run_episode(arm, cameras, policy, instruction, limits, hz=10.0, max_steps=30
         if s.fault or np.any(s.pose[:3] < limits.box_lo) or np.any(s.pose[:3] > limits.box_hi):
             raise Fault(s.fault or f"tool at {np.round(s.pose[:3], 3)} is outside the workspace box "
                         f"{limits.box_lo}..{limits.box_hi}: move it inside (or widen --workspace) first")
-        rate = Rate(hz, clock, sleep)
+        rate, v_now = Rate(hz, clock, sleep), np.zeros(3)  # v_now: the linear twist the arm is executing (m/s)
         for t in range(max_steps):
+            tick = clock()
             s = arm.state()  # read at the tick, so recorded deltas span exactly one period
             if s.fault:
                 raise Fault(s.fault)
@@ -465,10 +475,12 @@ def run_episode(arm, cameras, policy, instruction, limits, hz=10.0, max_steps=30
                 log.info("step %d pose %s gripper %.2f", t, np.round(s.pose, 4), s.gripper)
             else:
                 action = policy.act(obs, instruction)
-                cmd = safe_command(action, s.pose, dt, limits)
+                pose, hold, max_hold = _command_timing(arm, s, tick, clock, rate, v_now, deadman)
+                cmd = safe_command(action, pose, hold, limits, max_hold)
                 for note in cmd.notes:
                     log.warning("step %d %s", t, note)
                 arm.send(cmd)
+                v_now = cmd.linear
                 if deadman is not None:
                     deadman.kick()
                 if cmd.gripper != last_grip:
@@ -501,6 +513,28 @@ def run_episode(arm, cameras, policy, instruction, limits, hz=10.0, max_steps=30
     return {"images": {v: np.stack(f[:n]) if n else np.zeros((0, 1, 1, 3), np.uint8) for v, f in frames.items()},
             "actions": np.array(actions, np.float32).reshape(n, 7),
             "state": np.array([st.vector() for st in states[:n]], np.float32).reshape(n, 7), "reason": reason}
+
+
+def _command_timing(arm, s, tick, clock, rate, v_now, deadman):
+    """-> (pose, hold, max_hold) for safe_command, so the box holds however long observation + inference took.
+    While the policy thought, the previous twist kept moving the arm: clamp from the pose read now (s was read at
+    the tick), advanced by the current twist over the arm's command delay (Kortex applies high-level commands
+    at ~40 Hz, API reference 3.3), i.e. where the tool is when this command takes effect. The twist is then held
+    until the next one takes effect: the wait for the next tick plus that step's observation + inference, taken
+    to last as long as this step's (tick -> now); the deadman (max_hold) stops it if it lasts longer."""
+    now_s = arm.state()
+    if now_s.fault:
+        raise Fault(now_s.fault)
+    if deadman is not None and not deadman.armed:
+        v_now = np.zeros(3)  # the deadman stopped the arm
+    pose = now_s.pose.copy()
+    pose[:3] += v_now * getattr(arm, "command_delay_s", 0.0)
+    now = clock()
+    hold = max(rate.next - now, 0.0) + (now - tick)
+    max_hold = deadman.timeout_s if deadman is not None else None
+    if max_hold is not None:
+        hold = min(hold, max_hold)  # the deadman cuts it there
+    return pose, max(hold, 1e-3), max_hold
 
 
 def _resize(img, size):

@@ -233,7 +233,12 @@ class ArmState:
 
 class KortexArm:
     """Gen3 over kortex_api: BaseClient on a TCP session (port 10000), BaseCyclicClient feedback on a UDP
-    session (port 10001). Units at this boundary: metres and DEGREES (pose, angular twist); gripper 0..1."""
+    session (port 10001). Units at this boundary: metres and DEGREES (pose, angular twist); gripper 0..1.
+    Two threads use the BaseClient (the loop's twists and gripper commands, the deadman's Stop()), but the
+    transport's send is not thread-safe (one shared frame buffer, then sendall): every base call takes self.lock.
+    The cyclic client has its own transport and only the loop thread reads it."""
+    command_delay_s = 0.025  # high-level commands are applied at ~40 Hz (API reference 3.3): up to 25 ms late
+
     def __init__(self, ip, username, password, tcp_port=10000, udp_port=10001):
         _vendor("kortex_api")
         from kortex_api.RouterClient import RouterClient, RouterClientSendOptions
@@ -245,9 +250,13 @@ class KortexArm:
         from kortex_api.autogen.messages import Base_pb2, Common_pb2, Session_pb2
         self.pb, self.IN_FAULT, self.Options = Base_pb2, Common_pb2.ARMSTATE_IN_FAULT, RouterClientSendOptions
         self.links = []  # (transport, session manager or None)
+        self.lock, self.client_errors, self.errors_seen = threading.Lock(), [], 0
 
         def connect(transport, port):
-            router = RouterClient(transport, RouterClient.basicErrorCallback)
+            # our own callback: the API's basicErrorCallback is an instance method, so passing it unbound makes
+            # every client-side error a TypeError on the transport's receive thread, which then stops reading
+            # responses (every later call, Stop() included, times out)
+            router = RouterClient(transport, self._client_error)
             transport.connect(ip, port)
             self.links.append((transport, None))
             info, session = Session_pb2.CreateSessionInfo(), SessionManager(router)
@@ -265,10 +274,17 @@ class KortexArm:
             self.cyclic = BaseCyclicClient(connect(UDPTransport(), udp_port))
             mode = Base_pb2.ServoingModeInformation()
             mode.servoing_mode = Base_pb2.SINGLE_LEVEL_SERVOING  # twists need high-level servoing
-            self.base.SetServoingMode(mode)
+            with self.lock:
+                self.base.SetServoingMode(mode)
         except BaseException:
             self._disconnect()
             raise
+
+    def _client_error(self, exception):
+        """kortex_api's errorCallback(exception), called on a transport's receive thread (a frame that could not
+        be decoded, a response to no pending request, ...): log it; state() turns it into a safety stop."""
+        log.error("kortex_api client error: %s", exception)
+        self.client_errors.append(str(exception))
 
     def _disconnect(self):
         for transport, session in reversed(self.links):
@@ -287,7 +303,10 @@ class KortexArm:
         if len(motors) == 0:
             raise Fault("no gripper feedback from the interconnect: is the Robotiq 2F-85 connected?")
         fault = ""
-        if b.active_state == self.IN_FAULT or b.fault_bank_a or b.fault_bank_b:
+        if len(self.client_errors) > self.errors_seen:  # the link lost or garbled a frame: stop, do not guess
+            fault = f"kortex_api client error: {self.client_errors[-1]}"
+            self.errors_seen = len(self.client_errors)
+        elif b.active_state == self.IN_FAULT or b.fault_bank_a or b.fault_bank_b:
             fault = f"arm in fault (state {b.active_state}, fault banks {b.fault_bank_a:#x}/{b.fault_bank_b:#x})"
         pose = np.array([b.tool_pose_x, b.tool_pose_y, b.tool_pose_z,
                          *np.radians([b.tool_pose_theta_x, b.tool_pose_theta_y, b.tool_pose_theta_z])])
@@ -299,17 +318,20 @@ class KortexArm:
         tw.duration = 0  # "not implemented": the twist holds until the next command or Stop()
         tw.twist.linear_x, tw.twist.linear_y, tw.twist.linear_z = map(float, cmd.linear)
         tw.twist.angular_x, tw.twist.angular_y, tw.twist.angular_z = map(float, np.degrees(cmd.angular))
-        self.base.SendTwistCommand(tw)
+        with self.lock:
+            self.base.SendTwistCommand(tw)
 
     def gripper(self, closed):
         g = self.pb.GripperCommand()
         g.mode = self.pb.GRIPPER_POSITION
         finger = g.gripper.finger.add()
         finger.finger_identifier, finger.value = 1, float(closed)  # 0 open .. 1 closed
-        self.base.SendGripperCommand(g)
+        with self.lock:
+            self.base.SendGripperCommand(g)
 
     def stop(self):
-        self.base.Stop()
+        with self.lock:
+            self.base.Stop()
 
     def close(self):
         try:

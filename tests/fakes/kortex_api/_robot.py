@@ -47,6 +47,8 @@ class FakeGen3:
         self.grip, self.grip_target = 0.0, 0.0  # %, 0 = open
         self.fault, self.servoing = False, Base_pb2.SINGLE_LEVEL_SERVOING
         self.sessions, self.calls, self.t = 0, [], clock()
+        self.overlaps = []  # RPCs sent while another thread was sending on the same transport (TCPTransport)
+        self.trace = []  # (time, position) after every RPC: between RPCs the tool moves on a straight line
 
     # -- kinematics --
     def advance(self):
@@ -60,6 +62,7 @@ class FakeGen3:
             a = np.radians(angle)
             self.R = (np.eye(3) + np.sin(a) * K + (1 - np.cos(a)) * K @ K) @ self.R
         self.grip += float(np.clip(self.grip_target - self.grip, -150 * dt, 150 * dt))  # ~0.7 s full stroke
+        self.trace.append((now, self.p.copy()))
 
     def pose(self):
         return (*self.p, *matrix_to_euler_deg(self.R))

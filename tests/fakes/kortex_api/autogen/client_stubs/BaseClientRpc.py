@@ -10,6 +10,7 @@ class BaseClient:
 
     def _arm(self, name, msg=None, moving=False):
         arm = self.router.arm()
+        self.router.transport.send(name)
         arm.rpc(name, msg, moving)
         return arm
 

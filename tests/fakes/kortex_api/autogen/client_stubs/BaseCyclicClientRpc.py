@@ -8,6 +8,7 @@ class BaseCyclicClient:
 
     def RefreshFeedback(self, deviceId=0, options=None):
         arm = self.router.arm()
+        self.router.transport.send("RefreshFeedback")
         arm.rpc("RefreshFeedback")
         fb, self.frame_id = BaseCyclic_pb2.Feedback(), self.frame_id + 1
         fb.frame_id = self.frame_id

@@ -601,21 +601,77 @@ def _interrupt(*_):
     raise KeyboardInterrupt
 
 
+EXIT_SAFETY_STOP = 3  # main()'s exit code when an episode ended in a safety stop (1: error, 130: interrupted)
+
+
+def recorded_control_hz(run_dir, dataset_key=None):
+    """-> (hz, source) of the data a train.py run learned from, or (None, why it is unknown).
+    The checkpoint files do not store the rate; the run's train_args.json lists its --data HDF5 files, whose
+    control_hz attribute (data.EpisodeWriter) does. Each action is a pose change per 1/control_hz s, so a
+    policy run at another rate moves at another speed than it was shown."""
+    import json
+    try:
+        with open(os.path.join(run_dir, "train_args.json")) as f:
+            paths = json.load(f).get("data") or []
+    except (OSError, ValueError) as e:
+        return None, f"no readable {os.path.join(run_dir, 'train_args.json')} ({e})"
+    if not paths:
+        return None, f"the run in {run_dir} was not trained on --data HDF5 files"
+    import h5py
+    found = {}  # dataset key -> (hz, path)
+    for path in paths:
+        if not os.path.isfile(path):
+            continue  # a CALVIN directory or a file that has moved
+        try:
+            with h5py.File(path, "r") as f:
+                key, hz = f.attrs.get("dataset_key", os.path.splitext(os.path.basename(path))[0]), \
+                    f.attrs.get("control_hz")
+        except OSError:
+            continue
+        key = key.decode() if isinstance(key, bytes) else str(key)
+        if hz is not None:
+            found[key] = (float(hz), path)
+    if dataset_key is not None:
+        found = {k: v for k, v in found.items() if k == dataset_key}
+    rates = {hz for hz, _ in found.values()}
+    if len(rates) != 1:
+        why = "none of them could be read" if not found else f"they differ: {found}; pass --dataset-key"
+        return None, f"control_hz of the training data {paths}: {why}"
+    hz, path = next(iter(found.values()))
+    return hz, path
+
+
+def check_hz(hz, run_dir, dataset_key=None):
+    """Refuse a --hz other than the training data's control_hz; warn when the checkpoint cannot tell."""
+    trained, source = recorded_control_hz(run_dir, dataset_key)
+    if trained is None:
+        log.warning("cannot check --hz %g against the training data's rate: %s", hz, source)
+    elif abs(hz - trained) > 1e-6 * trained:
+        raise SystemExit(f"--hz {hz:g} but the policy in {run_dir} was trained on data recorded at control_hz="
+                         f"{trained:g} ({source}): each action is a pose change per 1/{trained:g} s, so it would "
+                         f"move {hz / trained:.2f}x as fast as shown. Run with --hz {trained:g}.")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.ckpt is None and args.record is None:
         raise SystemExit("nothing to do: give --ckpt RUN_DIR to run a policy and/or --record OUT.h5 to record")
+    if args.dry_run and args.record:
+        raise SystemExit(f"--dry-run with --record {args.record}: a dry run never moves the arm, so every recorded "
+                         f"action would be an all-zero pose change stored as a demonstration. Drop --record for a "
+                         f"dry run, or drop --dry-run to record.")
     w = args.workspace
     limits = Limits(tuple(w[0::2]), tuple(w[1::2]), args.max_step_m, np.radians(args.max_step_deg), args.max_speed,
                     np.radians(args.max_angular_speed), stale_s=args.stale_s)
     policy = None
     if args.ckpt:
+        check_hz(args.hz, args.ckpt, args.dataset_key)
         from vla import Policy
         policy = Policy.from_pretrained(args.ckpt, execution=args.execution, dataset_key=args.dataset_key,
                                         device=args.device)
     old_handler = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the arm like Ctrl-C does
-    arm, cameras, writer = None, {}, None
+    arm, cameras, writer, safety_stop = None, {}, None, None
     try:
         if args.backend == "sim":
             arm = SimArm()
@@ -648,6 +704,9 @@ def main(argv=None):
                 name = writer.add_episode(out["images"], out["actions"], args.instruction,
                                           args.task or args.instruction, out["state"])
                 log.info("saved %s to %s", name, args.record)
+            if out["reason"].startswith("fault"):  # a person must look before the arm moves again
+                safety_stop = f"episode {ep + 1}: {out['reason']}"
+                break
     except KeyboardInterrupt:
         log.warning("interrupted: arm stopped")
         return 130
@@ -659,6 +718,9 @@ def main(argv=None):
         if writer is not None:
             writer.close()
         signal.signal(signal.SIGTERM, old_handler)
+    if safety_stop:
+        log.error("SAFETY STOP (%s); remaining episodes skipped, exit code %d", safety_stop, EXIT_SAFETY_STOP)
+        return EXIT_SAFETY_STOP
     return 0
 
 

@@ -575,7 +575,8 @@ def build_parser():
     p.add_argument("--execution", choices=("chunk", "first", "ensemble"), default="chunk")
     p.add_argument("--dataset-key", help="which action statistics of the checkpoint to use")
     p.add_argument("--device", default="cpu", help="torch device of the policy")
-    p.add_argument("--hz", type=float, default=10.0, help="control rate (= the recorded data's rate)")
+    p.add_argument("--hz", type=float, default=None,
+                   help="control rate; must equal the training data's control_hz (default: that rate, else 10)")
     p.add_argument("--max-steps", type=int, default=300)
     p.add_argument("--episodes", type=int, default=1)
     p.add_argument("--backend", choices=("kinova", "sim"), default="kinova")
@@ -642,14 +643,21 @@ def recorded_control_hz(run_dir, dataset_key=None):
 
 
 def check_hz(hz, run_dir, dataset_key=None):
-    """Refuse a --hz other than the training data's control_hz; warn when the checkpoint cannot tell."""
+    """-> the control rate to run at: the training data's control_hz when hz is None. Refuses a --hz other than
+    that rate; warns when the run directory cannot tell."""
     trained, source = recorded_control_hz(run_dir, dataset_key)
     if trained is None:
-        log.warning("cannot check --hz %g against the training data's rate: %s", hz, source)
-    elif abs(hz - trained) > 1e-6 * trained:
+        log.warning("cannot check --hz %s against the training data's rate: %s", "(default 10)" if hz is None
+                    else f"{hz:g}", source)
+        return 10.0 if hz is None else hz
+    if hz is None:
+        log.info("control rate %g Hz: the training data's control_hz (%s)", trained, source)
+        return trained
+    if abs(hz - trained) > 1e-6 * trained:
         raise SystemExit(f"--hz {hz:g} but the policy in {run_dir} was trained on data recorded at control_hz="
                          f"{trained:g} ({source}): each action is a pose change per 1/{trained:g} s, so it would "
                          f"move {hz / trained:.2f}x as fast as shown. Run with --hz {trained:g}.")
+    return hz
 
 
 def main(argv=None):
@@ -661,15 +669,18 @@ def main(argv=None):
         raise SystemExit(f"--dry-run with --record {args.record}: a dry run never moves the arm, so every recorded "
                          f"action would be an all-zero pose change stored as a demonstration. Drop --record for a "
                          f"dry run, or drop --dry-run to record.")
+    if args.hz is not None and not args.hz > 0:
+        raise SystemExit(f"--hz must be a positive control rate in Hz (e.g. the training data's 10), got {args.hz}")
     w = args.workspace
     limits = Limits(tuple(w[0::2]), tuple(w[1::2]), args.max_step_m, np.radians(args.max_step_deg), args.max_speed,
                     np.radians(args.max_angular_speed), stale_s=args.stale_s)
     policy = None
     if args.ckpt:
-        check_hz(args.hz, args.ckpt, args.dataset_key)
+        args.hz = check_hz(args.hz, args.ckpt, args.dataset_key)
         from vla import Policy
         policy = Policy.from_pretrained(args.ckpt, execution=args.execution, dataset_key=args.dataset_key,
                                         device=args.device)
+    args.hz = 10.0 if args.hz is None else args.hz
     old_handler = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the arm like Ctrl-C does
     arm, cameras, writer, safety_stop = None, {}, None, None
     try:

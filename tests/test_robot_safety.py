@@ -80,7 +80,7 @@ def names(fake):
 @pytest.mark.parametrize("latency", LATENCIES)
 def test_box_holds_with_a_slow_policy(hw, clock, latency, caplog):
     """Fake clock, deadman off: the tool's height after every RPC (between RPCs it moves on a straight line)
-    never exceeds the box top; before the fix 50/90/140 ms reached 0.46/0.468/0.484 m with TOP = 0.45."""
+    never exceeds the box top; before the fix 50/90/140 ms reached 0.458/0.464/0.479 m with TOP = 0.45."""
     arm = robot.KortexArm(IP, "admin", "admin")
     lim = Limits(box_hi=(0.80, 0.40, TOP))
     with caplog.at_level(logging.WARNING, logger="robot"):
@@ -218,7 +218,9 @@ def test_hz_other_than_the_training_data_rate_is_refused(tmp_path, monkeypatch):
     assert robot.recorded_control_hz(str(run), "other")[0] is None
     with pytest.raises(SystemExit, match=r"--hz 10 .*control_hz=15 .*kinova\.h5.*Run with --hz 15"):
         robot.main(["--backend", "sim", "--ckpt", str(run), "--instruction", "wave", "--hz", "10"])
-    robot.check_hz(15, str(run))  # the recorded rate passes
+    assert robot.check_hz(15, str(run)) == 15 and robot.check_hz(None, str(run)) == 15  # default: the data's rate
+    with pytest.raises(SystemExit, match="--hz must be a positive"):
+        robot.main(["--backend", "sim", "--ckpt", str(run), "--instruction", "wave", "--hz", "0"])
 
 
 def test_hz_check_says_when_it_cannot_tell(tmp_path, caplog):
@@ -227,6 +229,7 @@ def test_hz_check_says_when_it_cannot_tell(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="robot"):
         robot.check_hz(10, str(run))
     assert "cannot check --hz 10" in caplog.text and "kinova.h5" in caplog.text
+    assert robot.check_hz(None, str(run)) == 10.0  # unknown: the documented default
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="robot"):
         robot.check_hz(10, str(tmp_path))  # not a train.py run directory

@@ -113,6 +113,8 @@ class Limits:
     reject_m: float = 0.10  # larger per-step actions are not clipped but stop the run: the policy is broken
     reject_rad: float = 0.8  # (e.g. actions left normalized, or in the wrong units)
     stale_s: float = 0.5  # camera watchdog: no new frame for this long -> stop
+    stop_s: float = 0.05  # margin for the deadman's Stop() to act after its deadline (thread wake-up on a busy
+    # host, the RPC): near a face the twist is slowed so that deadline + stop_s of it stays in the box
 
 
 @dataclasses.dataclass
@@ -497,7 +499,7 @@ def run_episode(arm, cameras, policy, instruction, limits, hz=10.0, max_steps=30
                 log.info("step %d pose %s gripper %.2f", t, np.round(s.pose, 4), s.gripper)
             else:
                 action = policy.act(obs, instruction)
-                pose, hold, max_hold = _command_timing(arm, s, tick, clock, rate, v_now, deadman)
+                pose, hold, max_hold = _command_timing(arm, s, tick, clock, rate, v_now, deadman, limits)
                 cmd = safe_command(action, pose, hold, limits, max_hold)
                 for note in cmd.notes:
                     log.warning("step %d %s", t, note)
@@ -537,13 +539,14 @@ def run_episode(arm, cameras, policy, instruction, limits, hz=10.0, max_steps=30
             "state": np.array([st.vector() for st in states[:n]], np.float32).reshape(n, 7), "reason": reason}
 
 
-def _command_timing(arm, s, tick, clock, rate, v_now, deadman):
+def _command_timing(arm, s, tick, clock, rate, v_now, deadman, limits):
     """-> (pose, hold, max_hold) for safe_command, so the box holds however long observation + inference took.
     While the policy thought, the previous twist kept moving the arm: clamp from the pose read now (s was read at
     the tick), advanced by the current twist over the arm's command delay (Kortex applies high-level commands
     at ~40 Hz, API reference 3.3), i.e. where the tool is when this command takes effect. The twist is then held
     until the next one takes effect: the wait for the next tick plus that step's observation + inference, taken
-    to last as long as this step's (tick -> now); the deadman (max_hold) stops it if it lasts longer."""
+    to last as long as this step's (tick -> now); the deadman stops it if it lasts longer (max_hold: its
+    timeout plus limits.stop_s for the Stop() to act)."""
     now_s = arm.state()
     if now_s.fault:
         raise Fault(now_s.fault)
@@ -553,9 +556,9 @@ def _command_timing(arm, s, tick, clock, rate, v_now, deadman):
     pose[:3] += v_now * getattr(arm, "command_delay_s", 0.0)
     now = clock()
     hold = max(rate.next - now, 0.0) + (now - tick)
-    max_hold = deadman.timeout_s if deadman is not None else None
-    if max_hold is not None:
-        hold = min(hold, max_hold)  # the deadman cuts it there
+    max_hold = None
+    if deadman is not None:
+        hold, max_hold = min(hold, deadman.timeout_s), deadman.timeout_s + limits.stop_s  # the deadman cuts it
     return pose, max(hold, 1e-3), max_hold
 
 

@@ -103,6 +103,36 @@ METAWORLD_INSTRUCTIONS = {
     "dial-turn": "turn the dial",
 }
 DEFAULT_TASKS = ("drawer-open", "door-open", "window-open", "button-press-topdown", "handle-press")
+# Held-out instructions (never in the demonstrations): the miniature of the paper's enriched-instruction
+# evaluation (§IV-B, GPT-4 paraphrases of CALVIN's instructions). Written for this project; each paraphrase
+# keeps the task's meaning and changes the wording. `--instructions paraphrased` picks one per episode seed.
+METAWORLD_PARAPHRASES = {
+    "drawer-open": ("pull the drawer out", "slide the drawer open toward you", "get the drawer open"),
+    "drawer-close": ("push the drawer shut", "slide the drawer back in", "shut the drawer"),
+    "door-open": ("swing the door open", "pull the door so it opens", "get the door open"),
+    "window-open": ("push the window sideways to open it", "open the sliding window", "move the window pane open"),
+    "window-close": ("push the window shut", "close the sliding window", "slide the window pane closed"),
+    "button-press-topdown": ("push the button down from above", "press down on the top of the button",
+                             "hit the button from above"),
+    "button-press": ("push the button from the front side", "press the button head-on", "poke the button forward"),
+    "handle-press": ("push the handle downward", "press down on the lever handle", "move the handle down"),
+    "coffee-button": ("press the coffee machine's button", "hit the button on the coffee maker",
+                      "push the coffee machine button"),
+    "faucet-open": ("turn the tap on", "open the faucet", "rotate the faucet handle to start the water"),
+    "faucet-close": ("turn the tap off", "close the faucet", "rotate the faucet handle to stop the water"),
+    "lever-pull": ("lift the lever", "pull the lever upward", "raise the lever"),
+    "dial-turn": ("rotate the dial", "twist the dial", "spin the dial around"),
+}
+SCENES = ("seen", "shifted")
+INSTRUCTION_SETS = ("seen", "paraphrased")
+# The shifted scene (`--scene shifted`, test time only): the miniature of CALVIN's unseen scene D (new table
+# textures and object colours, same robot). Per episode seed: every material recoloured (the floor, table and
+# wall textures tinted; the task objects' colours mixed with a random one; the robot, whose geoms carry bare
+# colours, is unchanged), each light's brightness and position changed, and both cameras moved a little.
+SHIFT_TINT = (0.45, 1.0)  # textured materials (floor, table, wall): rgb multiplied by U(0.45, 1) per channel
+SHIFT_MIX = 0.6  # untextured materials (the objects): rgb -> (1 - 0.6) rgb + 0.6 U(0, 1)^3
+SHIFT_LIGHT = (0.5, 1.5)  # light diffuse x U(0.5, 1.5) per light (and the headlight), position +- 0.5 m in x, y
+SHIFT_CAMERA = {"corner": (0.03, 4.0), "gripperPOV": (0.005, 3.0)}  # camera: (+- metres per axis, +- degrees)
 METAWORLD_CAMERAS = {"static": "corner", "wrist": "gripperPOV"}  # names in Meta-World's xyz_base.xml
 METAWORLD_CONTROL_HZ = 80  # physics dt 2.5 ms x frame_skip 5 = 12.5 ms per env step (Meta-World's render_fps)
 DEMO_SEEDS = (0, 1_000_000)  # demonstration episodes are seeded inside this range ...
@@ -157,11 +187,16 @@ class MetaWorldEnv:
     order); cameras=() skips rendering (for the expert and random baselines, which do not look).
     """
 
-    def __init__(self, task, image_size=64, cameras=("static", "wrist"), max_steps=200):
+    def __init__(self, task, image_size=64, cameras=("static", "wrist"), max_steps=200, scene="seen",
+                 instructions="seen"):
         _check_task(task)
         for c in cameras:
             if c not in METAWORLD_CAMERAS:
                 raise ValueError(f"unknown camera {c!r}; Meta-World adapter cameras: {list(METAWORLD_CAMERAS)}")
+        if scene not in SCENES or instructions not in INSTRUCTION_SETS:
+            raise ValueError(f"scene must be one of {SCENES} and instructions one of {INSTRUCTION_SETS}, got "
+                             f"scene={scene!r}, instructions={instructions!r}")
+        self.scene, self.instructions = scene, instructions
         _pick_gl_backend()
         import metaworld
         self.task, self.image_size, self.cameras, self.max_steps = task, image_size, tuple(cameras), max_steps
@@ -174,11 +209,17 @@ class MetaWorldEnv:
         self.env.max_path_length = max_steps + 1  # our own step limit; Meta-World raises past its own
         self.expert = scripted_expert(task)
         self.t, self.raw = 0, None
+        self.seen_look = seen_look(self.env.model) if scene == "shifted" else None
 
     def reset(self, seed):
+        if self.seen_look is not None:  # before reset(): its forward pass places the moved cameras and lights
+            shift_scene(self.env.model, self.seen_look, seed)
         self.env.seed(int(seed))
         self.raw, _ = self.env.reset()  # (39,) hand, gripper, objects, previous frame, goal
         self.t = 0
+        if self.instructions == "paraphrased":
+            options = METAWORLD_PARAPHRASES[self.task]
+            self.instruction = options[np.random.default_rng([int(seed), 2]).integers(len(options))]
         return self.observe()
 
     def observe(self):
@@ -207,6 +248,46 @@ class MetaWorldEnv:
         self.env.close()
 
 
+def seen_look(model):
+    """A copy of everything shift_scene changes (so every episode shifts the seen scene, not the last shift)."""
+    cams = {name: (model.cam(name).pos.copy(), model.cam(name).quat.copy()) for name in SHIFT_CAMERA}
+    return dict(mat_rgba=model.mat_rgba.copy(), light_pos=model.light_pos.copy(),
+                light_diffuse=model.light_diffuse.copy(), headlight=model.vis.headlight.diffuse.copy(), cams=cams)
+
+
+def _small_rotation(rng, max_deg):
+    """A unit quaternion (w, x, y, z) rotating by U(-max_deg, max_deg) degrees about a uniformly random axis."""
+    axis = rng.normal(size=3)
+    axis /= np.linalg.norm(axis)
+    half = np.deg2rad(rng.uniform(-max_deg, max_deg)) / 2
+    return np.concatenate([[np.cos(half)], np.sin(half) * axis])
+
+
+def shift_scene(model, seen, seed):
+    """Recolour, relight and move the cameras of a Meta-World model, deterministically from `seed` (see SHIFT_*).
+    Only appearance changes: no geometry, mass or friction, so the task's physics and the expert are untouched."""
+    import mujoco
+    rng = np.random.default_rng([int(seed), 1])
+    textured = model.mat_texid.max(axis=1) >= 0 if model.mat_texid.ndim == 2 else model.mat_texid >= 0
+    mat = seen["mat_rgba"].copy()  # (n_mat, 4)
+    tint = rng.uniform(*SHIFT_TINT, size=(len(mat), 3))
+    mix = (1 - SHIFT_MIX) * mat[:, :3] + SHIFT_MIX * rng.uniform(0, 1, size=(len(mat), 3))
+    mat[:, :3] = np.where(textured[:, None], mat[:, :3] * tint, mix)
+    model.mat_rgba[:] = mat
+    model.light_diffuse[:] = seen["light_diffuse"] * rng.uniform(*SHIFT_LIGHT, size=(len(model.light_diffuse), 1))
+    pos = seen["light_pos"].copy()
+    pos[:, :2] += rng.uniform(-0.5, 0.5, size=(len(pos), 2))
+    model.light_pos[:] = pos
+    model.vis.headlight.diffuse[:] = seen["headlight"] * rng.uniform(*SHIFT_LIGHT)
+    for name, (dpos, ddeg) in SHIFT_CAMERA.items():
+        p0, q0 = seen["cams"][name]
+        cam = model.cam(name)
+        cam.pos[:] = p0 + rng.uniform(-dpos, dpos, size=3)
+        q = np.empty(4)
+        mujoco.mju_mulQuat(q, _small_rotation(rng, ddeg), q0)  # rotate the camera frame in its parent's frame
+        cam.quat[:] = q
+
+
 def _rollout(env, seed, act, record=False):
     """One episode: act(obs, env) -> action7 until success or max_steps. Returns (success, frames, actions)."""
     obs, frames, actions, success = env.reset(seed), [], [], False
@@ -224,14 +305,15 @@ def _rollout(env, seed, act, record=False):
 _WORKER_ENV = None  # each worker process keeps its current task's env (and so its single renderer)
 
 
-def _worker_env(task, image_size, cameras, max_steps):
+def _worker_env(task, image_size, cameras, max_steps, scene="seen", instructions="seen"):
     global _WORKER_ENV
     e = _WORKER_ENV
-    if e is None or (e.task, e.image_size, e.cameras, e.max_steps) != (task, image_size, tuple(cameras), max_steps):
+    want = (task, image_size, tuple(cameras), max_steps, scene, instructions)
+    if e is None or (e.task, e.image_size, e.cameras, e.max_steps, e.scene, e.instructions) != want:
         if e is not None:
             close_renderer()
             e.close()
-        _WORKER_ENV = MetaWorldEnv(task, image_size, cameras, max_steps)
+        _WORKER_ENV = MetaWorldEnv(*want)
     return _WORKER_ENV
 
 
@@ -366,7 +448,7 @@ _WORKER_POLICY = None  # (key, Policy) loaded once per evaluation worker process
 
 def _eval_episode(job):
     """One closed-loop episode. In a worker, `policy` is (run_dir, execution) and is loaded once per process."""
-    policy, task, seed, image_size, cameras, max_steps, record = job
+    policy, task, seed, image_size, cameras, max_steps, record, scene, instructions = job
     if isinstance(policy, tuple):
         global _WORKER_POLICY
         if _WORKER_POLICY is None or _WORKER_POLICY[0] != policy:
@@ -375,14 +457,15 @@ def _eval_episode(job):
             torch.set_num_threads(1)  # one core per worker process
             _WORKER_POLICY = (policy, Policy.from_pretrained(policy[0], execution=policy[1]))
         policy = _WORKER_POLICY[1]
-    env = _worker_env(task, image_size, cameras, max_steps)
+    env = _worker_env(task, image_size, cameras, max_steps, scene, instructions)
     policy.reset()
     ok, frames, _ = _rollout(env, seed, lambda o, e: policy.act(o, e.instruction), record=record)
-    return task, seed, ok, env.t, frames
+    return task, seed, ok, env.t, frames, env.instruction
 
 
 def evaluate_metaworld(policy, tasks=DEFAULT_TASKS, episodes=10, seed=0, image_size=64, cameras=("static", "wrist"),
-                       max_steps=200, gif_dir=None, baselines=True, progress=True, workers=1, execution="chunk"):
+                       max_steps=200, gif_dir=None, baselines=True, progress=True, workers=1, execution="chunk",
+                       scene="seen", instructions="seen"):
     """Closed-loop success of `policy` on each task: the Meta-World protocol of this project.
 
     policy: an object with reset() / act(obs, instruction) -> action7, or a run directory (str/Path), loaded
@@ -391,6 +474,9 @@ def evaluate_metaworld(policy, tasks=DEFAULT_TASKS, episodes=10, seed=0, image_s
     Every task is run on the same evaluation seeds (disjoint from the demonstration seeds), and the scripted
     expert (the ceiling) and a random policy (the floor) are run on those seeds too (without rendering).
     With gif_dir, the first episode of each task is saved as <gif_dir>/<task>.gif.
+    scene="shifted" / instructions="paraphrased": the generalization split (test time only; see SHIFT_* and
+    METAWORLD_PARAPHRASES), deterministic per episode seed. The expert and random columns stay on the seen
+    scene (neither looks at images or instructions, and appearance does not change the physics).
     Returns {task: {"instruction", "policy", "expert", "random", "steps"}} (success rates in [0, 1]).
     """
     from tqdm import tqdm
@@ -401,7 +487,10 @@ def evaluate_metaworld(policy, tasks=DEFAULT_TASKS, episodes=10, seed=0, image_s
         policy = (str(policy), execution)
     elif workers > 1:
         raise ValueError("workers > 1 needs the policy as a run directory (each process loads its own copy)")
-    jobs = [(policy, t, s, image_size, tuple(cameras), max_steps, gif_dir is not None and i == 0)
+    if scene not in SCENES or instructions not in INSTRUCTION_SETS:
+        raise ValueError(f"scene must be one of {SCENES} and instructions one of {INSTRUCTION_SETS}, got "
+                         f"scene={scene!r}, instructions={instructions!r}")
+    jobs = [(policy, t, s, image_size, tuple(cameras), max_steps, gif_dir is not None and i == 0, scene, instructions)
             for t in tasks for i, s in enumerate(seeds)]
     rank, world = _dist_rank_world()  # under torchrun each rank runs every world-th episode; merged below
     jobs = jobs[rank::world]
@@ -409,12 +498,11 @@ def evaluate_metaworld(policy, tasks=DEFAULT_TASKS, episodes=10, seed=0, image_s
     bar = tqdm(total=len(jobs), desc="closed-loop eval", unit="ep", disable=not progress)
 
     def collect(out):
-        task, s, ok, n, frames = out
+        task, s, ok, n, frames, said = out
         wins[task] += ok
         steps[task].append(n)
         if frames:
-            save_gif(frames, Path(gif_dir) / f"{task}.gif", cameras,
-                     caption=f"{METAWORLD_INSTRUCTIONS[task]}: {'success' if ok else 'failure'}")
+            save_gif(frames, Path(gif_dir) / f"{task}.gif", cameras, caption=f"{said}: {'success' if ok else 'failure'}")
         bar.update(1)
         bar.set_postfix(task=task, success=f"{wins[task]}/{len(steps[task])}")
     if workers > 1:
@@ -1217,7 +1305,7 @@ def evaluate_simpler(policy_for, tasks="all", overlay_dir=None, out_dir=None, ma
 # -----------------------------------------------------------------------------------------------------------
 
 def run_metaworld_eval(ckpt, episodes=10, seed=0, execution=None, tasks=None, out=None, gifs=True,
-                       device="cpu", progress=True, workers=None):
+                       device="cpu", progress=True, workers=None, scene="seen", instructions="seen"):
     """Load a run directory's Policy and re-run the Meta-World protocol; writes results.md under `out`."""
     from vla import Policy
     ckpt = Path(ckpt)
@@ -1229,14 +1317,17 @@ def run_metaworld_eval(ckpt, episodes=10, seed=0, execution=None, tasks=None, ou
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     workers = workers or (max(1, min(8, os.cpu_count() or 1) // world) if device == "cpu" else 1)
     policy = str(ckpt) if workers > 1 else Policy.from_pretrained(str(ckpt), execution=execution, device=device)
-    out = Path(out or ckpt / f"eval_metaworld_seed{seed}_{execution}")
+    split = "".join(f"_{v}" for v in (scene, instructions) if v != "seen")  # "", "_shifted", "_paraphrased", ...
+    out = Path(out or ckpt / f"eval_metaworld_seed{seed}_{execution}{split}")
     t0 = time.time()
     results = evaluate_metaworld(policy, tasks, episodes, seed, image_size=train_args.get("image_size", 64),
                                  cameras=tuple(train_args.get("views", ("static", "wrist"))),
                                  max_steps=train_args.get("max_steps", 200), gif_dir=out if gifs else None,
-                                 progress=progress, workers=workers, execution=execution)
+                                 progress=progress, workers=workers, execution=execution, scene=scene,
+                                 instructions=instructions)
     header = (f"## Meta-World closed-loop evaluation\n\ncheckpoint `{ckpt}`, {episodes} episodes per task, "
               f"evaluation seed {seed} (episode seeds {eval_seeds(seed, episodes)[0]}..), execution `{execution}`, "
+              f"scene `{scene}`, instructions `{instructions}`, "
               f"{time.time() - t0:.0f} s")
     if rank != 0:
         return results, results_table(results)
@@ -1304,6 +1395,10 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/eval_<benchmark>_seed<S>_<exec>)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=0, help="evaluation processes (0 = all cores on CPU)")
+    p.add_argument("--scene", default="seen", choices=SCENES, help="Meta-World: seen = the training scene; shifted "
+                   "= recoloured, relit, cameras moved (per episode seed; the miniature of CALVIN's scene D)")
+    p.add_argument("--instructions", default="seen", choices=INSTRUCTION_SETS, help="Meta-World: seen = the "
+                   "training instruction; paraphrased = a held-out paraphrase per episode seed")
     # CALVIN (section 4) and SimplerEnv (section 5)
     p.add_argument("--calvin-root", default=None, help="CALVIN split directory holding validation/ (e.g. task_ABCD_D)")
     p.add_argument("--calvin-sequences", default=None, help="official eval_sequences.json (default: regenerate the "
@@ -1325,7 +1420,8 @@ def main(argv=None):
         tasks = args.tasks.split(",") if args.tasks else None
         rank, _ = _init_distributed()  # torchrun --nproc_per_node=N evaluate.py ...: episodes sharded over ranks
         _, text = run_metaworld_eval(args.ckpt, args.episodes, args.seed, args.execution, tasks, args.out,
-                                     device=args.device, workers=args.workers or None, progress=rank == 0)
+                                     device=args.device, workers=args.workers or None, progress=rank == 0,
+                                     scene=args.scene, instructions=args.instructions)
         if rank == 0:
             print(text)
     elif args.benchmark == "calvin":

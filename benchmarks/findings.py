@@ -1,40 +1,56 @@
-"""The paper's findings in miniature: each ablation trained and evaluated on the built-in Meta-World suite.
+"""The paper's findings in miniature: each ablation trained to the main job's budget and evaluated on the
+built-in Meta-World suite, on seen scenes, shifted scenes and paraphrased instructions.
 
-Every variant is one `python train.py ...` run per seed (no evaluation inside), then one
-`python evaluate.py --ckpt RUN --execution E` per execution strategy, on the same evaluation seeds for every
-variant. The script writes, per table, RUN_ROOT/<table>.md (the paper's layout: variant, mean closed-loop
-success over the tasks, mean ± std over training seeds, per-seed values, the paper's number next to it) and
-RUN_ROOT/<table>.png (a bar chart drawn with pillow). Finished runs are reused, so an interrupted sweep resumes.
+Every variant is one `python train.py ...` run per training seed (no evaluation inside; train.py's own default
+budget, the main job's), then one `python evaluate.py --ckpt RUN --execution E` per evaluation condition:
+  seen         the training scene and instruction (the miniature of CALVIN's ABCD -> D column),
+  shifted      `--scene shifted`: recoloured, relit, cameras moved (the miniature of the unseen scene D),
+  paraphrased  `--instructions paraphrased`: held-out paraphrases (the enriched-instruction evaluation).
+Each finished evaluation writes one result file, docs/findings/runs/<run>__seed<S>__<execution>__<condition>.json
+(per-task successes, episodes, wall times, hardware, commit), which is committed. Those files alone regenerate
+the tables, verdicts and charts (`--report`), so a sweep can stop and go on on another machine; finished result
+files are never recomputed (unless --force). Checkpoints stay under --out (not committed).
 
-  python benchmarks/findings.py --table formulations    # Table I: the four formulations, 3 seeds
+  python benchmarks/findings.py --table formulations    # Table I: the four formulations
   python benchmarks/findings.py --table objectives      # Table IIa: MSE vs flow matching x Chunk/First/Ensemble
   python benchmarks/findings.py --table moe             # Table IIb: with / without the MoE action expert
   python benchmarks/findings.py --table data            # Extended Table 4: 10% vs 100% of the demonstrations
   python benchmarks/findings.py --table all --dry-run   # print every command, run nothing
+  python benchmarks/findings.py --report                # docs/findings.md tables + charts from the result files
 
 Several processes may share one sweep (each run directory is locked while it trains and evaluates), e.g. one
 single-threaded process per core: OMP_NUM_THREADS=1 python benchmarks/findings.py --table formulations
 --workers 1 --train-args "--threads 1 --loader-workers 0" & (the same for --table objectives) & wait.
---only TEXT runs just the variants whose label contains TEXT (no table written).
+--only TEXT runs just the variants whose label contains TEXT.
+
+Statistics: a variant's success is the mean over tasks and training seeds, with the standard deviation over
+seeds and a 95% Wilson interval over all its episodes (seeds x tasks x episodes). A finding "A beats B" is
+reproduced when A's interval lies above B's, not reproduced when it lies below, inconclusive when they overlap;
+a finding "A matches B" is consistent when they overlap.
 
 The paper's numbers are CALVIN results (consecutive-task success and Avg. Len. out of 5) of multi-billion
-parameter backbones; ours are Meta-World success rates of the ~1M-parameter `tiny` VLM without any
-vision-language pre-training. Compare the ordering of the variants, not the values.
+parameter backbones; ours are Meta-World success rates of the `tiny` VLM without any vision-language
+pre-training. Compare the ordering of the variants, not the values.
 """
 
 import argparse
 import contextlib
+import datetime
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PRINTED = set()  # --dry-run: each command once
+CONDITIONS = {"seen": [], "shifted": ["--scene", "shifted"], "paraphrased": ["--instructions", "paraphrased"]}
+RESULTS = Path("docs/findings/runs")  # one committed JSON per (run, seed, execution, condition)
+MARK_BEGIN, MARK_END = "<!-- findings:tables:begin -->", "<!-- findings:tables:end -->"
 
 
 @dataclass
@@ -96,43 +112,93 @@ TABLES = {
 }
 
 
+@dataclass
+class Finding:
+    """One of the paper's claims, checked on our numbers: variant `a` beats (or matches) variant `b`."""
+    table: str
+    claim: str
+    a: str  # variant labels of TABLES[table]
+    b: str
+    kind: str = "beats"  # "beats" | "matches"
+    paper: str = ""  # where the paper says it
+
+
+FINDINGS = [
+    Finding("formulations", "continuous actions beat discrete ones", "One-Step Cont.", "One-Step Disc.",
+            paper="§III-C, Table I"),
+    Finding("formulations", "history helps: the policy head beats one step", "Policy-Head Cont.", "One-Step Cont.",
+            paper="§III-C, Table I"),
+    Finding("formulations", "the policy head fuses history better than interleaving", "Policy-Head Cont.",
+            "Interleaved Cont.", paper="§III-C, Table I (Avg. Len. 4.49 vs 4.12)"),
+    Finding("objectives", "flow matching matches MSE+BCE (Chunk)", "Flow Matching Chunk", "MSE+BCE Chunk",
+            kind="matches", paper="Table IIa"),
+    Finding("objectives", "Chunk execution beats First (flow matching)", "Flow Matching Chunk",
+            "Flow Matching First", paper="Table IIa"),
+    Finding("objectives", "Chunk execution beats First (MSE+BCE)", "MSE+BCE Chunk", "MSE+BCE First",
+            paper="Table IIa"),
+    Finding("moe", "the action expert helps (flow matching)", "Flow Matching with MoE", "Flow Matching without MoE",
+            paper="Table IIb (ABC column)"),
+    Finding("moe", "the action expert helps (MSE+BCE)", "MSE+BCE with MoE", "MSE+BCE without MoE",
+            paper="Table IIb (ABC column)"),
+    Finding("data", "more data helps the policy head", "Policy-Head 1x", "Policy-Head 0.1x",
+            paper="Extended Table 4"),
+    Finding("data", "the policy head is the more data-efficient at 0.1x", "Policy-Head 0.1x", "Interleaved 0.1x",
+            paper="Extended Table 4 (2.52 vs 2.49)"),
+]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--table", default="all", choices=[*TABLES, "all"])
     p.add_argument("--seeds", default="0,1,2", help="training seeds (each also draws its own demonstrations)")
     p.add_argument("--tasks", default=None, help="comma-separated Meta-World tasks (default: train.py's)")
-    p.add_argument("--steps", type=int, default=1200, help="training steps per run (train.py --steps; the main "
-                   "job trains 3500: the sweep's 30 runs must fit a 2-core machine)")
-    p.add_argument("--episodes", type=int, default=5, help="evaluation episodes per task")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: train.py's own, "
+                   "the main job's converged budget)")
+    p.add_argument("--episodes", type=int, default=10, help="evaluation episodes per task")
     p.add_argument("--eval-seed", type=int, default=0, help="the same evaluation episodes for every variant")
+    p.add_argument("--conditions", default=",".join(CONDITIONS), help=f"evaluation conditions, of {list(CONDITIONS)}")
     p.add_argument("--workers", type=int, default=0, help="processes for demos and evaluation (0 = all cores)")
     p.add_argument("--train-args", default="", help="extra train.py flags for every run, e.g. '--chunk 8'")
-    p.add_argument("--out", default="runs/findings", help="root of the run directories and the tables")
+    p.add_argument("--out", default="runs/findings", help="root of the run directories (checkpoints)")
+    p.add_argument("--results", default=str(RESULTS), help="where the result files go (committed)")
+    p.add_argument("--doc", default="docs/findings.md", help="--report: the page whose tables are regenerated")
     p.add_argument("--only", default=None, metavar="TEXT", help="run only the variants whose label contains TEXT "
-                   "(e.g. '0.1x'), to split a sweep over processes; no table is written")
+                   "(e.g. '0.1x'), to split a sweep over processes")
+    p.add_argument("--report", action="store_true", help="regenerate the tables, verdicts and charts from the "
+                   "result files only (trains and evaluates nothing)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    p.add_argument("--force", action="store_true", help="re-run finished runs")
+    p.add_argument("--force", action="store_true", help="re-run finished runs and evaluations")
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     if not args.seeds:
         p.error("--seeds needs at least one seed, e.g. --seeds 0,1,2")
+    args.conditions = [c for c in args.conditions.split(",") if c]
+    bad = [c for c in args.conditions if c not in CONDITIONS]
+    if bad or not args.conditions:
+        p.error(f"--conditions: expected some of {list(CONDITIONS)}, got {args.conditions}")
+    for flag in ("steps", "episodes"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            p.error(f"--{flag} must be >= 1, got {v}")
     return args
 
 
 def train_command(args, variant, seed, run_dir):
-    cmd = [sys.executable, "train.py", *variant.flags, "--seed", str(seed), "--steps", str(args.steps),
-           "--eval-episodes", "0", "--workers", str(args.workers), "--out", str(run_dir)]
+    cmd = [sys.executable, "train.py", *variant.flags, "--seed", str(seed), "--eval-episodes", "0",
+           "--workers", str(args.workers), "--out", str(run_dir)]
+    if args.steps:
+        cmd += ["--steps", str(args.steps)]
     if args.tasks:
         cmd += ["--tasks", args.tasks]
     return cmd + args.train_args.split()
 
 
-def eval_command(args, run_dir, execution):
-    out = run_dir / f"eval_{execution}_seed{args.eval_seed}"
+def eval_command(args, run_dir, execution, condition="seen"):
+    out = run_dir / f"eval_{execution}_seed{args.eval_seed}_{condition}"
     cmd = [sys.executable, "evaluate.py", "--ckpt", str(run_dir), "--benchmark", "metaworld", "--execution", execution,
            "--episodes", str(args.episodes), "--seed", str(args.eval_seed), "--workers", str(args.workers),
-           "--out", str(out)]
+           "--out", str(out), *CONDITIONS[condition]]
     if args.tasks:
         cmd += ["--tasks", args.tasks]
     return cmd, out
@@ -155,30 +221,65 @@ def run(cmd, log_path):
     return time.time() - t0
 
 
+def result_path(args, run, seed, execution, condition):
+    return ROOT / args.results / f"{run}__seed{seed}__{execution}__{condition}.json"
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_json_atomic(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
 def run_variant(args, table, variant, seed):
-    """Train (once per run name and seed) and evaluate one variant. -> (mean success over tasks, seconds)."""
+    """Train (once per run name and seed) and evaluate one variant on every condition; each evaluation leaves its
+    result file. -> {condition: mean success over tasks} (None in a dry run)."""
     run_dir = Path(args.out) / variant.run / f"seed{seed}"  # shared by every table that uses this run
     abs_run = ROOT / run_dir
     tcmd = train_command(args, variant, seed, run_dir)
-    ecmd, eout = eval_command(args, run_dir, variant.execution)
+    todo = [c for c in args.conditions
+            if args.force or not result_path(args, variant.run, seed, variant.execution, c).exists()]
     if args.dry_run:
-        for c in (tcmd, ecmd):
+        for c in [tcmd] + [eval_command(args, run_dir, variant.execution, cond)[0] for cond in args.conditions]:
             if show(c) not in PRINTED:
                 PRINTED.add(show(c))
                 print("  $", show(c))
-        return None, {}
-    with run_lock(abs_run):  # several findings.py processes may share one sweep (e.g. one per core)
-        timing = abs_run / "findings_time.json"
-        times = json.loads(timing.read_text()) if timing.exists() and not args.force else {}
-        if args.force or not (abs_run / "config.json").exists() or "train" not in times:
-            times["train"] = run(tcmd, abs_run / "train.log")
-            timing.write_text(json.dumps(times))
-        if args.force or not (ROOT / eout / "results.json").exists() or variant.execution not in times:
-            times[variant.execution] = run(ecmd, abs_run / f"eval_{variant.execution}.log")
-            timing.write_text(json.dumps(times))
-    results = json.loads((ROOT / eout / "results.json").read_text())
-    success = sum(r["policy"] for r in results.values()) / len(results)
-    return success, {str(run_dir): times["train"], f"{run_dir}:{variant.execution}": times[variant.execution]}
+        return None
+    if todo:
+        with run_lock(abs_run):  # several findings.py processes may share one sweep (e.g. one per core)
+            timing = abs_run / "findings_time.json"
+            times = json.loads(timing.read_text()) if timing.exists() and not args.force else {}
+            if args.force or not (abs_run / "config.json").exists() or "train" not in times:
+                times["train"] = run(tcmd, abs_run / "train.log")
+                timing.write_text(json.dumps(times))
+            train_args = json.loads((abs_run / "train_args.json").read_text())
+            for cond in todo:
+                ecmd, eout = eval_command(args, run_dir, variant.execution, cond)
+                seconds = run(ecmd, abs_run / f"eval_{variant.execution}_{cond}.log")
+                results = json.loads((ROOT / eout / "results.json").read_text())
+                write_json_atomic(result_path(args, variant.run, seed, variant.execution, cond), dict(
+                    run=variant.run, seed=seed, execution=variant.execution, condition=cond,
+                    episodes=args.episodes, eval_seed=args.eval_seed,
+                    success={t: r["policy"] for t, r in results.items()},
+                    expert={t: r.get("expert") for t, r in results.items()},
+                    train_flags=variant.flags + args.train_args.split(), steps=train_args.get("steps"),
+                    train_seconds=times["train"], eval_seconds=seconds, hardware=hardware(), commit=git_commit(),
+                    date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                    train_command=show(tcmd), eval_command=show(ecmd)))
+    out = {}
+    for cond in args.conditions:
+        r = json.loads(result_path(args, variant.run, seed, variant.execution, cond).read_text())
+        out[cond] = sum(r["success"].values()) / len(r["success"])
+    return out
 
 
 @contextlib.contextmanager
@@ -230,81 +331,179 @@ def mean_std(xs):
     return m, s
 
 
-def markdown(args, spec, rows, wall):
-    lines = [f"## {spec['title']}", "",
-             f"Meta-World tasks: {args.tasks or 'train.py default'}; {args.steps} training steps; "
-             f"{args.episodes} evaluation episodes per task (evaluation seed {args.eval_seed}); training seeds "
-             f"{','.join(map(str, args.seeds))}; extra train.py flags: `{args.train_args or 'none'}`.",
-             f"Hardware: {hardware()}. Wall time (each training once, plus every evaluation): {wall / 60:.1f} min.",
-             "", "| variant | execution | success (mean ± std over seeds) | per seed | paper |",
-             "|---|---|---:|---|---:|"]
-    for v, vals in rows:
-        m, s = mean_std(vals)
-        per = ", ".join(f"{100 * x:.0f}%" for x in vals)
-        lines.append(f"| {v.label} | {v.execution} | {100 * m:.1f}% ± {100 * s:.1f} | {per} | {v.paper} |")
+def wilson(k, n, z=1.96):
+    """95% Wilson score interval of a binomial proportion k / n (well-behaved at 0 and n, unlike p +- z se)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def load_results(results_dir):
+    """Every result file -> {(run, execution, condition): {seed: record}}."""
+    out = {}
+    for f in sorted(Path(results_dir).glob("*.json")):
+        r = json.loads(f.read_text())
+        out.setdefault((r["run"], r["execution"], r["condition"]), {})[r["seed"]] = r
+    return out
+
+
+def summarize(records):
+    """{seed: record} -> dict(mean, std over seeds, lo, hi (Wilson over all episodes), per-seed, n episodes)."""
+    per_seed = [sum(r["success"].values()) / len(r["success"]) for _, r in sorted(records.items())]
+    wins = sum(round(p * r["episodes"]) for r in records.values() for p in r["success"].values())
+    n = sum(r["episodes"] * len(r["success"]) for r in records.values())
+    m, s = mean_std(per_seed)
+    lo, hi = wilson(wins, n)
+    return dict(mean=m, std=s, lo=lo, hi=hi, per_seed=per_seed, n=n)
+
+
+def verdict(a, b, kind):
+    """a, b: summaries (or None). 'beats': reproduced / not reproduced / inconclusive; 'matches': consistent /
+    not reproduced (the intervals are apart)."""
+    if a is None or b is None:
+        return "not run yet"
+    apart_up, apart_down = a["lo"] > b["hi"], a["hi"] < b["lo"]
+    if kind == "matches":
+        return "consistent (intervals overlap)" if not (apart_up or apart_down) else "not reproduced (intervals apart)"
+    if apart_up:
+        return "reproduced"
+    if apart_down:
+        return "not reproduced (the reverse holds)"
+    return "inconclusive (intervals overlap)"
+
+
+def cell(sm):
+    if sm is None:
+        return "–"
+    return (f"{100 * sm['mean']:.1f}% ± {100 * sm['std']:.1f} [{100 * sm['lo']:.0f}, {100 * sm['hi']:.0f}] "
+            f"({len(sm['per_seed'])}s)")
+
+
+def table_summaries(spec, results, conditions):
+    return [(v, {c: (summarize(results[(v.run, v.execution, c)]) if (v.run, v.execution, c) in results else None)
+                 for c in conditions}) for v in spec["variants"]]
+
+
+def markdown(name, spec, rows, conditions):
+    lines = [f"### {spec['title']}", "",
+             "Cell: mean success over tasks and training seeds ± std over seeds [95% Wilson interval over all "
+             "episodes] (number of seeds).", "",
+             "| variant | execution | " + " | ".join(conditions) + " | paper |",
+             "|---|---|" + "---:|" * len(conditions) + "---:|"]
+    for v, sm in rows:
+        lines.append(f"| {v.label} | {v.execution} | " + " | ".join(cell(sm[c]) for c in conditions)
+                     + f" | {v.paper} |")
     lines += ["", spec["note"], ""]
+    by_label = {v.label: sm for v, sm in rows}
+    fs = [f for f in FINDINGS if f.table == name]
+    if fs:
+        lines += ["| finding (paper) | " + " | ".join(conditions) + " |", "|---|" + "---|" * len(conditions)]
+        for f in fs:
+            vs = [verdict(by_label[f.a][c], by_label[f.b][c], f.kind) for c in conditions]
+            lines.append(f"| {f.claim} ({f.paper}) | " + " | ".join(vs) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
-def bar_chart(title, rows, path):
-    """Horizontal bars (mean success, 0-100 %) with a ±std whisker and the per-seed values as dots."""
+def bar_chart(title, rows, conditions, path):
+    """Grouped horizontal bars: one bar per condition (mean success), whisker = 95% Wilson interval, dots = seeds."""
     from PIL import Image, ImageDraw
-    W, row_h, left, top = 900, 44, 260, 56
-    H = top + row_h * len(rows) + 40
+    colors = {"seen": (70, 120, 190), "shifted": (200, 110, 60), "paraphrased": (90, 160, 90)}
+    bar_h, left, top = 12, 260, 56
+    row_h = bar_h * len(conditions) + 14
+    W, H = 900, top + row_h * len(rows) + 40
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     d.text((12, 12), title, fill="black")
+    for i, c in enumerate(conditions):
+        d.rectangle([left + 120 * i, 32, left + 120 * i + 10, 42], fill=colors.get(c, (120, 120, 120)))
+        d.text((left + 120 * i + 14, 31), c, fill="black")
     x0, x1 = left, W - 60
     for pct in range(0, 101, 25):
         x = x0 + (x1 - x0) * pct / 100
         d.line([(x, top - 8), (x, H - 32)], fill=(220, 220, 220))
         d.text((x - 10, H - 26), f"{pct}%", fill="black")
-    for i, (v, vals) in enumerate(rows):
-        m, s = mean_std(vals)
+    for i, (v, sm) in enumerate(rows):
         y = top + i * row_h
         name = v.label if v.execution in v.label.lower() else f"{v.label} ({v.execution})"
-        d.text((12, y + 12), name, fill="black")
-        d.rectangle([x0, y + 8, x0 + (x1 - x0) * m, y + row_h - 8], fill=(70, 120, 190))
-        lo, hi = max(0.0, m - s), min(1.0, m + s)
-        yc = y + row_h / 2
-        d.line([(x0 + (x1 - x0) * lo, yc), (x0 + (x1 - x0) * hi, yc)], fill="black", width=2)
-        for x in vals:
-            cx = x0 + (x1 - x0) * x
-            d.ellipse([cx - 3, yc - 3, cx + 3, yc + 3], outline="black", fill=(240, 160, 40))
-        d.text((x0 + (x1 - x0) * m + 6, y + 4), f"{100 * m:.0f}%", fill="black")
+        d.text((12, y + row_h / 2 - 6), name, fill="black")
+        for j, c in enumerate(conditions):
+            s = sm[c]
+            if s is None:
+                continue
+            yb = y + 4 + j * bar_h
+            d.rectangle([x0, yb, x0 + (x1 - x0) * s["mean"], yb + bar_h - 3], fill=colors.get(c, (120, 120, 120)))
+            yc = yb + (bar_h - 3) / 2
+            d.line([(x0 + (x1 - x0) * s["lo"], yc), (x0 + (x1 - x0) * s["hi"], yc)], fill="black", width=1)
+            for x in s["per_seed"]:
+                cx = x0 + (x1 - x0) * x
+                d.ellipse([cx - 2, yc - 2, cx + 2, yc + 2], outline="black", fill=(250, 250, 250))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
 
 
+def compute_spent(results):
+    """Wall time of every training (counted once per run and seed) and every evaluation, from the result files."""
+    train, evals, hw = {}, 0.0, set()
+    for recs in results.values():
+        for r in recs.values():
+            train[(r["run"], r["seed"])] = r["train_seconds"]
+            evals += r["eval_seconds"]
+            hw.add(r["hardware"])
+    return sum(train.values()), evals, len(train), sorted(hw)
+
+
+def report(args):
+    """Regenerate the tables + verdicts between the markers of --doc, and the charts, from the result files."""
+    results = load_results(ROOT / args.results)
+    conditions = list(CONDITIONS)
+    parts = []
+    for name, spec in TABLES.items():
+        rows = table_summaries(spec, results, conditions)
+        parts.append(markdown(name, spec, rows, conditions))
+        if any(sm[c] for _, sm in rows for c in conditions):
+            bar_chart(spec["title"], rows, conditions, ROOT / "docs" / "findings" / f"{name}.png")
+    t_train, t_eval, n_runs, hw = compute_spent(results)
+    n_files = sum(len(r) for r in results.values())
+    head = (f"Generated by `python benchmarks/findings.py --report` from {n_files} result files in "
+            f"`{args.results}` ({n_runs} trained runs). Compute spent: {t_train / 3600:.1f} h of training and "
+            f"{t_eval / 3600:.1f} h of evaluation (wall time, each process on its own core). Hardware: "
+            f"{'; '.join(hw) or 'none yet'}.\n")
+    text = "\n".join([MARK_BEGIN, head] + parts + [MARK_END])
+    doc = ROOT / args.doc
+    old = doc.read_text() if doc.exists() else ""
+    if MARK_BEGIN in old and MARK_END in old:
+        new = old[:old.index(MARK_BEGIN)] + text + old[old.index(MARK_END) + len(MARK_END):]
+    else:
+        new = old + ("\n" if old else "") + text + "\n"
+    doc.write_text(new)
+    print(text)
+    print(f"wrote the tables of {doc} and the charts in docs/findings/")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.report:
+        return report(args)
     names = list(TABLES) if args.table == "all" else [args.table]
     if not (ROOT / "train.py").exists():
         raise SystemExit(f"train.py not found next to benchmarks/ (looked in {ROOT})")
     for name in names:
         spec = TABLES[name]
         print(f"# {spec['title']}")
-        rows, seconds_by_job = [], {}  # a run trained once but evaluated several ways counts once
         for v in spec["variants"]:
             if args.only and args.only not in v.label:
                 continue
-            vals = []
             for seed in args.seeds:
-                success, seconds = run_variant(args, name, v, seed)
-                seconds_by_job.update(seconds)
+                success = run_variant(args, name, v, seed)
                 if success is not None:
-                    vals.append(success)
-                    print(f"  {v.label} ({v.execution}) seed {seed}: {100 * success:.0f}% success, "
-                          f"{sum(seconds.values()):.0f} s (training + evaluation)")
-            rows.append((v, vals))
-        if args.dry_run or args.only:
-            continue
-        text = markdown(args, spec, rows, sum(seconds_by_job.values()))
-        out = ROOT / args.out
-        (out / f"{name}.md").write_text(text)
-        bar_chart(spec["title"], rows, out / f"{name}.png")
-        print(text)
-        print(f"wrote {out / f'{name}.md'} and {out / f'{name}.png'}")
+                    print(f"  {v.label} ({v.execution}) seed {seed}: " + ", ".join(
+                        f"{c} {100 * x:.0f}%" for c, x in success.items()), flush=True)
+        if not args.dry_run:
+            report(args)  # the page reflects every finished evaluation, table by table
 
 
 if __name__ == "__main__":

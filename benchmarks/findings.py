@@ -167,6 +167,8 @@ def parse_args(argv=None):
                    "(e.g. '0.1x'), to split a sweep over processes")
     p.add_argument("--report", action="store_true", help="regenerate the tables, verdicts and charts from the "
                    "result files only (trains and evaluates nothing)")
+    p.add_argument("--picture", action="store_true", help="draw docs/findings/shifted_scene.png (seen vs shifted "
+                   "frames of each default task, both cameras) and exit")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("--force", action="store_true", help="re-run finished runs and evaluations")
     args = p.parse_args(argv)
@@ -484,8 +486,31 @@ def report(args):
     print(f"wrote the tables of {doc} and the charts in docs/findings/")
 
 
+def scene_picture(path, size=128, seed=1_000_000):
+    """Rows: seen, shifted. Per default task: the static camera, then the wrist camera, at evaluation seed `seed`."""
+    import numpy as np
+    from PIL import Image
+    sys.path.insert(0, str(ROOT))
+    import evaluate
+    rows = []
+    for scene in evaluate.SCENES:
+        tiles = []
+        for k, task in enumerate(evaluate.DEFAULT_TASKS):
+            env = evaluate.MetaWorldEnv(task, size, scene=scene)
+            obs = env.reset(seed + k)
+            tiles.append(np.concatenate([obs["static"], obs["wrist"]], 1))
+            evaluate.close_renderer()
+            env.close()
+        rows.append(np.concatenate(tiles, 1))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(rows, 0)).save(path)
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.picture:
+        return scene_picture(ROOT / "docs" / "findings" / "shifted_scene.png")
     if args.report:
         return report(args)
     names = list(TABLES) if args.table == "all" else [args.table]

@@ -1133,6 +1133,18 @@ _PHI_MSFT = dict(n_embd="hidden_size", n_layer="num_hidden_layers", n_head="num_
                  n_inner="intermediate_size", layer_norm_epsilon="layer_norm_eps", activation_function="hidden_act")
 
 
+def _phi_config(t):
+    """text_config / phi_config -> Phi-1.5 settings. moondream1's own "phi-msft" config names n_embd, rotary_dim
+    (absolute), n_inner (None = 4 d), and pads vocab_size to a multiple of 64."""
+    if t.get("model_type") == "phi-msft":
+        t = {_PHI_MSFT.get(k, k): x for k, x in t.items() if x is not None}
+        d = t.setdefault("hidden_size", _PHI_15["hidden_size"])
+        hd = d // t.setdefault("num_attention_heads", _PHI_15["num_attention_heads"])
+        t = {"intermediate_size": 4 * d, **t, "vocab_size": -(-t.get("vocab_size", 51200) // 64) * 64,
+             "partial_rotary_factor": min(t.pop("rotary_dim", 32), hd) / hd}
+    return {**_PHI_15, **t}
+
+
 class LinearPatchEmbedding(nn.Linear):
     """moondream's patch embedding: a Linear over each flattened 14 x 14 patch, channels first (c, row, col), i.e.
     a stride-p convolution whose weight is stored flat (w, 3 p p). Returns the conv layout (N, w, S/p, S/p)."""
@@ -1200,8 +1212,7 @@ class MoondreamVLM(PretrainedVLM):
         timm_era = "text_config" not in cfg  # moondream1 .. moondream2 2024-03-13 (see the section comment)
         v = {**_MOONDREAM_V, **(dict(layer_norm_eps=1e-6, hidden_act="gelu") if timm_era else {}),
              **(cfg.get("vision_config") or {})}
-        t = cfg.get("text_config") or cfg.get("phi_config") or {}
-        t = {**_PHI_15, **{_PHI_MSFT.get(k, k): x for k, x in t.items() if x is not None}}  # phi-msft names too
+        t = _phi_config(cfg.get("text_config") or cfg.get("phi_config") or {})
         self.vision = _vit(v, clip=False)
         w, p, g, d = v["hidden_size"], v["patch_size"], v["image_size"] // v["patch_size"], t["hidden_size"]
         self.vision.patch_embedding = LinearPatchEmbedding(w, p)

@@ -30,8 +30,9 @@ and these methods:
       the LM's word embeddings (the same space as encode_images' outputs and the [LRN] token).
   forward(embeds (B, T, d), positions long (B, T), cache=None, media=None) -> (hidden (B, T, d), cache)
       the causal LM over input embeddings (any input scaling, e.g. Kosmos-2's x sqrt(d), happens inside).
-      hidden = last layer after the final norm. `positions` are absolute positions (RoPE angles or learned
-      position rows). `cache` is a list with one (k, v) per layer, each (B, n_kv_heads, T_past, head_dim),
+      hidden = last layer after the final norm (MoonDream: before it, as RoboVLMs; see its section).
+      `positions` are absolute positions (RoPE angles or learned position rows). `cache` is a list with one
+      (k, v) per layer, each (B, n_kv_heads, T_past, head_dim),
       holding keys AFTER positional rotation; the new tokens attend causally to cache + themselves, and
       the returned cache has the new keys/values appended. Passing cache=None starts empty.
       Sequences are padded at the END only, so a causal mask alone keeps real tokens away from padding.
@@ -714,8 +715,8 @@ class PretrainedVLM(nn.Module):
             self.tokenizer_filename = "tokenizer.model"
         else:
             raise ValueError(f"unknown model_type {self.family!r} in config.json: supported are 'kosmos-2', "
-                             f"'paligemma', 'llava' and 'openflamingo' (a converted OpenFlamingo folder, see "
-                             f"docs/backbones.md), 'moondream1'; Qwen-VL, UForm are not implemented")
+                             f"'paligemma', 'llava', 'moondream1' and 'openflamingo' (a converted OpenFlamingo "
+                             f"folder, see docs/backbones.md); Qwen-VL, UForm are not implemented")
         self.image_size, self.image_mean, self.image_std = v["image_size"], tuple(mean), tuple(std)
         attn = self.lm.layers[0].attn
         self.hidden_size, self.vocab_size = self.lm.embed_tokens.weight.shape[1], t["vocab_size"]

@@ -213,7 +213,8 @@ def test_released_layouts_map_key_for_key():
     projector input; 2024-05-20 .. 08-26: 2304), under the names of moondream's vision_encoder.py and
     modeling_phi.py, maps onto one of our parameters with its shape, and every parameter is covered."""
     w, d, n_v, n_t = 1152, 2048, 27, 24
-    for cfg, proj_in in (({"phi_config": {"model_type": "phi-msft"}}, w), ({"text_config": {"model_type": "phi"}}, 2 * w)):
+    for cfg, proj_in in (({"phi_config": {"model_type": "phi-msft"}}, w),
+                         ({"text_config": {"model_type": "phi"}}, 2 * w)):
         shapes = {V + "patch_embed.linear.weight": (w, 588), V + "patch_embed.linear.bias": (w,),
                   V + "pos_embed": (1, 729, w), V + "norm.weight": (w,), V + "norm.bias": (w,),
                   "vision_encoder.projection.mlp.fc1.weight": (4 * d, proj_in),
@@ -249,6 +250,11 @@ def test_released_layouts_map_key_for_key():
         total = sum(p.numel() for p in params.values()) / 1e9
         assert 1.85 < total < 1.87, total  # SigLIP so400m 0.41 B + projector 0.03 B + Phi-1.5 1.42 B
         assert ours.n_image_tokens == 729 and ours.image_size == 378 and ours.lm.rot == 32
+    with torch.device("meta"):  # moondream1's phi-msft names: n_inner None = 4 d, rotary_dim 32 clipped to the
+        m = backbones.MoondreamVLM(dict(model_type="moondream1", vision_config=VIS, phi_config=dict(  # head, vocab
+            model_type="phi-msft", n_embd=32, n_head=4, n_layer=3, vocab_size=100)))  # padded to a multiple of 64
+    assert (m.hidden_size, m.n_layers, m.vocab_size, m.lm.rot, m.lm.layers[0].mlp.fc1.out_features) == \
+        (32, 3, 128, 8, 128)
 
 
 def _tokenizer_json(path):
@@ -310,3 +316,18 @@ def test_vla_trains_and_acts_in_closed_loop(resampler, tmp_path):
     success, frames, actions = evaluate._rollout(env, 0, lambda obs, e: policy.act(obs, e.instruction), record=True)
     env.close()
     assert len(actions) == 4 and all(a.shape == (7,) and np.isfinite(a).all() for a in actions)
+
+
+def test_revision_mismatch_and_unsupported_phi_are_clear_errors(tmp_path):
+    """A 2304-d projector (text_config revisions) under a config that implies the 1152-d one: the error names
+    the key and both shapes; Phi options moondream never had are refused by name."""
+    folder, _, _, _ = moondream_folder(tmp_path / "md", seed=6)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["phi_config"] = cfg.pop("text_config")
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"projection\.mlp\.fc1\.weight' .* has shape \(128, 48\), expected "
+                                         r"\(128, 24\)"):
+        backbones.load_vlm(str(folder))
+    for bad in (dict(qk_layernorm=True), dict(rope_scaling={"type": "linear", "factor": 2.0})):
+        with pytest.raises(ValueError, match="qk_layernorm, rope_scaling or tied embeddings is not supported"):
+            backbones.MoondreamVLM(dict(model_type="moondream1", vision_config=VIS, text_config=dict(PHI, **bad)))

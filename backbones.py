@@ -30,8 +30,9 @@ and these methods:
       the LM's word embeddings (the same space as encode_images' outputs and the [LRN] token).
   forward(embeds (B, T, d), positions long (B, T), cache=None, media=None) -> (hidden (B, T, d), cache)
       the causal LM over input embeddings (any input scaling, e.g. Kosmos-2's x sqrt(d), happens inside).
-      hidden = last layer after the final norm. `positions` are absolute positions (RoPE angles or learned
-      position rows). `cache` is a list with one (k, v) per layer, each (B, n_kv_heads, T_past, head_dim),
+      hidden = last layer after the final norm (MoonDream: before it, as RoboVLMs; see its section).
+      `positions` are absolute positions (RoPE angles or learned position rows). `cache` is a list with one
+      (k, v) per layer, each (B, n_kv_heads, T_past, head_dim),
       holding keys AFTER positional rotation; the new tokens attend causally to cache + themselves, and
       the returned cache has the new keys/values appended. Passing cache=None starts empty.
       Sequences are padded at the END only, so a causal mask alone keeps real tokens away from padding.
@@ -450,15 +451,16 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """fc2(act(fc1 x)), or gated (LLaMA, Gemma) fc2(act(gate x) * fc1 x); Kosmos-2 adds a LayerNorm before fc2."""
+    """fc2(act(fc1 x)), or gated (LLaMA, Gemma) fc2(act(gate x) * fc1 x); Kosmos-2 adds a LayerNorm before fc2.
+    out: output width when it differs from d (MoonDream's projector)."""
 
-    def __init__(self, d, hidden, act, bias=True, gated=False, sub_ln_eps=None):
+    def __init__(self, d, hidden, act, bias=True, gated=False, sub_ln_eps=None, out=None):
         super().__init__()
         self.act = _act(act)
         self.gate = nn.Linear(d, hidden, bias=bias) if gated else None
         self.fc1 = nn.Linear(d, hidden, bias=bias)
         self.inner_ln = None if sub_ln_eps is None else nn.LayerNorm(hidden, eps=sub_ln_eps)
-        self.fc2 = nn.Linear(hidden, d, bias=bias)
+        self.fc2 = nn.Linear(hidden, out or d, bias=bias)
 
     def forward(self, x):
         h = self.act(self.gate(x)) * self.fc1(x) if self.gate is not None else self.act(self.fc1(x))
@@ -479,9 +481,10 @@ class FamilyBlock(nn.Module):
         self.parallel = False  # GPT-NeoX's parallel residual: x + attn(norm1 x) + mlp(norm2 x)
 
     def forward(self, x, rope=None, cache=None, mask=None, causal=False):
-        h, cache = self.attn(self.norm1(x), rope, cache, mask, causal)
-        if self.parallel:
-            return x + h + self.mlp(self.norm2(x)), cache
+        n = self.norm1(x)
+        h, cache = self.attn(n, rope, cache, mask, causal)
+        if self.parallel:  # norm2 None: one LayerNorm feeds both branches (Phi)
+            return x + h + self.mlp(n if self.norm2 is None else self.norm2(x)), cache
         x = x + h
         return x + self.mlp(self.norm2(x)), cache
 
@@ -712,8 +715,8 @@ class PretrainedVLM(nn.Module):
             self.tokenizer_filename = "tokenizer.model"
         else:
             raise ValueError(f"unknown model_type {self.family!r} in config.json: supported are 'kosmos-2', "
-                             f"'paligemma', 'llava' and 'openflamingo' (a converted OpenFlamingo folder, see "
-                             f"docs/backbones.md); Qwen-VL, MoonDream, UForm are not implemented")
+                             f"'paligemma', 'llava', 'moondream1' and 'openflamingo' (a converted OpenFlamingo "
+                             f"folder, see docs/backbones.md); Qwen-VL, UForm are not implemented")
         self.image_size, self.image_mean, self.image_std = v["image_size"], tuple(mean), tuple(std)
         attn = self.lm.layers[0].attn
         self.hidden_size, self.vocab_size = self.lm.embed_tokens.weight.shape[1], t["vocab_size"]
@@ -932,9 +935,9 @@ def load_vlm(path, dtype=torch.float32, device="cpu", weights=True):
     with open(cfg_path) as f:
         cfg = json.load(f)
     files = checkpoint_files(path) if weights else {}
-    flamingo = cfg.get("model_type") == "openflamingo"
+    flamingo, moondream = cfg.get("model_type") == "openflamingo", cfg.get("model_type") == "moondream1"
     with torch.device("meta"):
-        vlm = openflamingo_from_config(cfg) if flamingo else PretrainedVLM(cfg)
+        vlm = openflamingo_from_config(cfg) if flamingo else MoondreamVLM(cfg) if moondream else PretrainedVLM(cfg)
     vlm = vlm.to(dtype).to_empty(device=device)
     vlm.lm.tie_weights()
     params, loaded, unexpected = dict(vlm.named_parameters()), set(), []
@@ -942,7 +945,8 @@ def load_vlm(path, dtype=torch.float32, device="cpu", weights=True):
         header = safetensors_header(fn)
         with open(fn, "rb") as f:
             for key in (k for k, v in files.items() if v == fn):
-                targets = openflamingo_key_to_ours(key) if flamingo else [(checkpoint_key_to_ours(key), 0, 1)]
+                targets = openflamingo_key_to_ours(key) if flamingo else moondream_key_to_ours(key) if moondream \
+                    else [(checkpoint_key_to_ours(key), 0, 1)]
                 targets = [t for t in targets if not _unused_checkpoint_key(vlm, t[0])]  # (ours, chunk, n_chunks)
                 if not targets:
                     continue
@@ -982,7 +986,7 @@ def load_vlm(path, dtype=torch.float32, device="cpu", weights=True):
             pc = json.load(f)
         vlm.image_mean = tuple(pc.get("image_mean", vlm.image_mean))
         vlm.image_std = tuple(pc.get("image_std", vlm.image_std))
-    tok = load_openflamingo_tokenizer(path, cfg) if flamingo else load_family_tokenizer(path, vlm.family)
+    tok = load_openflamingo_tokenizer(path, cfg) if flamingo or moondream else load_family_tokenizer(path, vlm.family)
     vlm.tokenizer = tok
     if vlm.family == "kosmos-2" and tok is not None and {"<image>", "</image>"} <= set(tok.added):
         vlm.image_boundary = (tok.added["<image>"], tok.added["</image>"])
@@ -1062,7 +1066,8 @@ def load_family_tokenizer(path, family):
 
 # ---- tiny random presets of each family (CPU demos and tests; no pretrained knowledge) ----
 
-TINY_FAMILIES = {"tiny-kosmos2": "kosmos-2", "tiny-paligemma": "paligemma", "tiny-llava": "llava"}
+TINY_FAMILIES = {"tiny-kosmos2": "kosmos-2", "tiny-paligemma": "paligemma", "tiny-llava": "llava",
+                 "tiny-moondream": "moondream1"}
 
 
 def tiny_family_config(family, image_size=64, vocab_size=778, patch=16):
@@ -1079,6 +1084,8 @@ def tiny_family_config(family, image_size=64, vocab_size=778, patch=16):
     if family == "paligemma":
         return dict(model_type=family, projection_dim=128, image_token_index=vocab_size - 1, vision_config=vis,
                     text_config=dict(text, model_type="gemma", num_key_value_heads=1))
+    if family == "moondream1":  # the text_config layout (moondream2 2024-05-20 .. 08-26): tanh GELU, eps 1e-5
+        return dict(model_type=family, vision_config=vis, text_config=dict(text, model_type="phi"))
     return dict(model_type="llava", image_token_index=vocab_size - 1, vision_config=dict(vis, num_hidden_layers=3),
                 text_config=dict(text, model_type="llama", num_key_value_heads=2))
 
@@ -1092,7 +1099,8 @@ def build_pretrained_family(name, image_size=None, tokenizer_path=None, dtype=to
         vlm = load_vlm(name, dtype=dtype, device=device, weights=weights)  # the folder's own tokenizer
         return vlm.add_resampler(resampler) if resampler else vlm
     tok = SentencePieceTokenizer.load(tokenizer_path) if tokenizer_path else SentencePieceTokenizer.train_tiny()
-    vlm = PretrainedVLM(tiny_family_config(TINY_FAMILIES[name], image_size or 64, tok.vocab_size + 256 + 10))
+    cfg = tiny_family_config(TINY_FAMILIES[name], image_size or 64, tok.vocab_size + 256 + 10)
+    vlm = (MoondreamVLM if cfg["model_type"] == "moondream1" else PretrainedVLM)(cfg)
     for m in vlm.modules():
         if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
             nn.init.normal_(m.weight, std=0.02)
@@ -1103,6 +1111,159 @@ def build_pretrained_family(name, image_size=None, tokenizer_path=None, dtype=to
     if resampler:
         vlm.add_resampler(resampler, depth=2, heads=4, head_dim=32)
     return vlm.to(device=device, dtype=dtype)
+
+
+# ---- MoonDream (SigLIP + Phi-1.5) ----
+# vikhyatk/moondream1 and the moondream2 revisions up to 2024-08-26 (the RoboVLMs MoonDream): a SigLIP so400m/14
+# tower at 378 px (27 x 27 = 729 tokens, no class token), an MLP projector to Phi's width, and Phi-1.5 (partial
+# rotary, parallel attention + MLP on one LayerNorm). The released config.json holds only model_type "moondream1"
+# and an empty `phi_config` (up to 2024-04-02) or `text_config` (later); every size is fixed in moondream's code,
+# hence the defaults below, which `vision_config` / `text_config` fields override (the tiny presets use them).
+# Revision-dependent numerics the weights cannot reveal: `phi_config` folders get the timm tower (LayerNorm eps
+# 1e-6, exact GELU, projector on the 1152 features); `text_config` folders get moondream's own ViT (eps 1e-5, tanh
+# GELU) with the projector on [global, crops] features, which at 378 px are the global features twice (2304).
+# The 2024-04-02 revision (own ViT, still `phi_config`) needs "vision_config": {"layer_norm_eps": 1e-5,
+# "hidden_act": "gelu_pytorch_tanh"} added to its config.json. Tokenizer: GPT-2 style BPE in tokenizer.json.
+
+_MOONDREAM_V = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                    patch_size=14, image_size=378, layer_norm_eps=1e-5, hidden_act="gelu_pytorch_tanh")
+_PHI_15 = dict(vocab_size=51200, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+               num_attention_heads=32, hidden_act="gelu_new", layer_norm_eps=1e-5, partial_rotary_factor=0.5,
+               rope_theta=10000.0)
+_PHI_MSFT = dict(n_embd="hidden_size", n_layer="num_hidden_layers", n_head="num_attention_heads",
+                 n_inner="intermediate_size", layer_norm_epsilon="layer_norm_eps", activation_function="hidden_act")
+
+
+def _phi_config(t):
+    """text_config / phi_config -> Phi-1.5 settings. moondream1's own "phi-msft" config names n_embd, rotary_dim
+    (absolute), n_inner (None = 4 d), and pads vocab_size to a multiple of 64."""
+    if t.get("model_type") == "phi-msft":
+        t = {_PHI_MSFT.get(k, k): x for k, x in t.items() if x is not None}
+        d = t.setdefault("hidden_size", _PHI_15["hidden_size"])
+        hd = d // t.setdefault("num_attention_heads", _PHI_15["num_attention_heads"])
+        t = {"intermediate_size": 4 * d, **t, "vocab_size": -(-t.get("vocab_size", 51200) // 64) * 64,
+             "partial_rotary_factor": min(t.pop("rotary_dim", 32), hd) / hd}
+    return {**_PHI_15, **t}
+
+
+class LinearPatchEmbedding(nn.Linear):
+    """moondream's patch embedding: a Linear over each flattened 14 x 14 patch, channels first (c, row, col), i.e.
+    a stride-p convolution whose weight is stored flat (w, 3 p p). Returns the conv layout (N, w, S/p, S/p)."""
+
+    def __init__(self, width, patch):
+        super().__init__(3 * patch * patch, width)
+        self.patch = patch
+
+    def forward(self, x):
+        w = self.weight.view(len(self.weight), 3, self.patch, self.patch)
+        return F.conv2d(x, w, self.bias, stride=self.patch)
+
+
+class LearnedTable(nn.Module):
+    """A learned table stored as the checkpoint stores it, here timm's pos_embed (1, P, w); ViT adds `.weight`."""
+
+    def __init__(self, *shape):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(*shape) * 0.02)
+
+
+class PhiHead(nn.Module):
+    """moondream's CausalLMHead: the final LayerNorm, then a biased linear to the vocabulary."""
+
+    def __init__(self, d, vocab, eps):
+        super().__init__()
+        self.ln, self.linear = nn.LayerNorm(d, eps=eps), nn.Linear(d, vocab)
+
+    def forward(self, h):  # (..., d) -> (..., vocab)
+        return self.linear(self.ln(h))
+
+
+class PhiLM(DecoderLM):
+    """Phi-1.5 as moondream's code has it: rotary on the first partial_rotary_factor of each head (GPT-NeoX
+    style) and a parallel residual x + attn(ln x) + mlp(ln x) with ONE LayerNorm (norm2 None), biases everywhere,
+    gelu_new, and the final LayerNorm inside the LM head (PhiHead). forward therefore returns the last block's
+    output before that LayerNorm: moondream's hidden_states[-1], what RoboVLMs feeds its policy head (reference
+    note, pitfall M1); lm_logits applies ln, then linear."""
+
+    def __init__(self, t):
+        if t.get("qk_layernorm") or t.get("rope_scaling") or t.get("tie_word_embeddings"):
+            raise ValueError("Phi with qk_layernorm, rope_scaling or tied embeddings is not supported: moondream's "
+                             "Phi-1.5 has none of them")
+        d, heads, eps = t["hidden_size"], t["num_attention_heads"], t["layer_norm_eps"]
+        super().__init__(t["vocab_size"], d, t["num_hidden_layers"], heads, t["intermediate_size"], t["hidden_act"],
+                         "ln", eps, bias=True, gated=False, rope_theta=t["rope_theta"], tie=False)
+        self.rot = int(d // heads * t["partial_rotary_factor"])
+        for blk in self.layers:
+            blk.parallel, blk.norm2 = True, None
+        self.norm, self.lm_head = nn.Identity(), PhiHead(d, t["vocab_size"], eps)
+
+    def rope(self, x, positions):  # rotate the first `rot` dims of each head, pass the rest
+        return torch.cat([rope_rotate(x[..., :self.rot], positions, self.rope_theta), x[..., self.rot:]], -1)
+
+
+class MoondreamVLM(PretrainedVLM):
+    """SigLIP tower -> projector fc2(gelu(fc1 .)) to Phi's width (hidden 4 d) -> Phi-1.5, behind the backbone
+    interface. PretrainedVLM's methods (encode_images with the optional resampler, forward, rope, lm_logits) apply
+    as they are; only the parts differ, so its family-specific __init__ is not run. Image tokens: (S / p)^2, 729."""
+
+    def __init__(self, cfg):
+        nn.Module.__init__(self)
+        self.family, self.config, self.tokenizer, self.resampler, self.image_boundary = "moondream1", cfg, None, None, \
+            None
+        timm_era = "text_config" not in cfg  # moondream1 .. moondream2 2024-03-13 (see the section comment)
+        v = {**_MOONDREAM_V, **(dict(layer_norm_eps=1e-6, hidden_act="gelu") if timm_era else {}),
+             **(cfg.get("vision_config") or {})}
+        t = _phi_config(cfg.get("text_config") or cfg.get("phi_config") or {})
+        self.vision = _vit(v, clip=False)
+        w, p, g, d = v["hidden_size"], v["patch_size"], v["image_size"] // v["patch_size"], t["hidden_size"]
+        self.vision.patch_embedding = LinearPatchEmbedding(w, p)
+        self.vision.position_embedding = LearnedTable(1, g * g, w)
+        self.crops = v.get("multi_crop", not timm_era)  # projector input [global, crops] = [global, global]
+        self.projector = FeedForward(w * (1 + self.crops), 4 * d, v["hidden_act"], out=d)  # moondream: hidden 4 d
+        self.lm = PhiLM(t)
+        self.image_token_id, self.pad_token_id, self.n_image_tokens = None, None, g * g
+        self.tokenizer_filename = cfg.get("tokenizer_file", "tokenizer.json")
+        self.image_size, self.image_mean, self.image_std = v["image_size"], (0.5,) * 3, (0.5,) * 3  # moondream
+        attn = self.lm.layers[0].attn
+        self.hidden_size, self.vocab_size = d, t["vocab_size"]
+        self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim = len(self.lm.layers), attn.n_heads, \
+            attn.n_kv, attn.head_dim
+
+    def prompt(self, instruction):
+        return instruction  # RoboVLMs: "<|endoftext|>{instr}", the BOS being added by the VLA
+
+    def _encode_family(self, x):  # (N, 3, S, S) -> (N, 729, d)
+        f = self.vision.post_layernorm(self.vision(x))  # (N, P, w)
+        return self.projector(torch.cat([f, f], -1) if self.crops else f)
+
+    def trainable_groups(self):
+        vision = list(self.vision.parameters()) + list(self.projector.parameters())
+        emb = [self.lm.embed_tokens.weight, self.lm.lm_head.linear.weight, self.lm.lm_head.linear.bias]
+        language = list(self.lm.layers.parameters()) + list(self.lm.lm_head.ln.parameters())
+        return {"vision": vision, "language": language, "embeddings": emb}
+
+
+# moondream state_dict names -> ours ("{qkv}": a fused [Q; K; V] projection split in three while loading)
+_MOONDREAM_RENAMES = [
+    (r"^region_model\..*", ""),  # 2024-08-26's detection head: unused by a VLA
+    (r"^vision_encoder\.encoder\.model\.visual\.", "vision."), (r"^vision\.blocks\.", "vision.layers."),
+    (r"^vision\.patch_embed\.linear\.", "vision.patch_embedding."),
+    (r"^vision\.pos_embed$", "vision.position_embedding.weight"), (r"^vision\.norm\.", "vision.post_layernorm."),
+    (r"\.attn\.qkv\.", ".attn.{qkv}_proj."), (r"\.attn\.proj\.", ".attn.o_proj."),
+    (r"^vision_encoder\.projection\.mlp\.", "projector."),
+    (r"^text_model\.transformer\.embd\.wte\.", "lm.embed_tokens."), (r"^text_model\.transformer\.h\.", "lm.layers."),
+    (r"^text_model\.lm_head\.", "lm.lm_head."), (r"^(lm\.layers\.\d+)\.ln\.", r"\1.norm1."),
+    (r"\.mixer\.Wqkv\.", ".attn.{qkv}_proj."), (r"\.mixer\.out_proj\.", ".attn.o_proj."),
+]
+
+
+def moondream_key_to_ours(key):
+    """-> [(our parameter name, chunk index, number of chunks)], [] for a tensor that is not used."""
+    for pattern, repl in _MOONDREAM_RENAMES:
+        key = re.sub(pattern, repl, key)
+    if "{qkv}" in key:
+        return [(key.replace("{qkv}", c), i, 3) for i, c in enumerate("qkv")]
+    return [(key, 0, 1)] if key else []
 
 
 # ---- Flamingo-style (encoder-decoder in the paper's terms): resampled media enter through gated cross-attention ----

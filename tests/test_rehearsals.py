@@ -196,3 +196,44 @@ def test_attention_option_validation(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     old, _, _ = vla.load_checkpoint(tmp_path)
     assert old.config.attention == "causal" and not old.prefix_lm
+
+
+# -----------------------------------------------------------------------------------------------------------
+# SimplerEnv "open top drawer and place apple": when the second instruction starts
+# -----------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fakes(monkeypatch):
+    monkeypatch.syspath_prepend(str(FAKES))
+    for name in list(sys.modules):
+        if name.split(".")[0] in ("calvin_env", "simpler_env"):
+            monkeypatch.delitem(sys.modules, name)
+
+
+def test_apple_second_instruction_rules(fakes, tmp_path):
+    import evaluate as ev
+    from test_calvin_simpler import ScriptedSimplerPolicy, _overlays
+    overlays = _overlays(tmp_path)
+    ep = ev.simpler_episodes("google_place_apple_in_drawer")[0]
+    first, second = "open top drawer", "place apple into top drawer"
+    runs = {}
+    for rule in ev.SIMPLER_SUBTASK_RULES:
+        policy = ScriptedSimplerPolicy()  # pulls the drawer open (>= 15 cm after ~25 steps), then waits
+        rec = ev.simpler_run_episode(ep, policy, overlays, subtask_rule=rule)
+        k = rec["switched_after"]  # the first action with the second instruction is step k + 1
+        assert policy.seen[:k] == [first] * k and policy.seen[k:] == [second] * (200 - k)
+        assert policy.resets == 2 and rec["success"] and rec["episode_stats"]["is_drawer_open"]
+        runs[rule] = k
+    assert 15 < runs["drawer_open"] < 40  # RoboVLMs: right after the step that opened the drawer
+    # the env's own switch happens at the START of step 101: the 101st action still gets the first instruction
+    assert runs["midpoint"] == 101
+    idle = ev.simpler_run_episode(ep, ScriptedSimplerPolicy(idle=True), overlays)  # drawer never opens
+    assert idle["switched_after"] == 101 and not idle["success"] and not idle["episode_stats"]["is_drawer_open"]
+    with pytest.raises(ValueError, match="subtask_rule"):
+        ev.simpler_run_episode(ep, ScriptedSimplerPolicy(), overlays, subtask_rule="half")
+    summary = ev.evaluate_simpler(lambda kind: ScriptedSimplerPolicy(), "google_place_apple_in_drawer", overlays,
+                                  tmp_path / "out", max_episodes=1, progress=False, subtask_rule="midpoint")
+    assert summary["google_place_apple_in_drawer"]["success"] == 1.0
+    table = (tmp_path / "out" / "simpler_results.md").read_text()
+    assert "second instruction `midpoint`" in table
+    assert "`drawer_open`" in ev.simpler_table(summary, subtask_rule="drawer_open")

@@ -237,3 +237,182 @@ def test_apple_second_instruction_rules(fakes, tmp_path):
     table = (tmp_path / "out" / "simpler_results.md").read_text()
     assert "second instruction `midpoint`" in table
     assert "`drawer_open`" in ev.simpler_table(summary, subtask_rule="drawer_open")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# CALVIN splits: train.py --data SPLIT, and the recordings file every split has
+# -----------------------------------------------------------------------------------------------------------
+
+CALVIN_ANN = [((0, 11), "pull the handle to open the drawer", "open_drawer"),
+              ((12, 23), "push the sliding door to the left side", "move_slider_left"),
+              ((30, 41), "use the switch to turn on the light bulb", "turn_on_lightbulb")]
+
+
+@pytest.fixture(scope="module")
+def calvin_split(tmp_path_factory):
+    """A CALVIN-layout split (two recordings, three annotated segments, the real npz keys) with the
+    validation/.hydra/merged_config.yaml that the CALVIN double's get_env reads."""
+    from test_data import write_calvin_split
+    root = tmp_path_factory.mktemp("calvin") / "task_D_D"
+    write_calvin_split(root / "training", [(0, 23), (30, 41)], CALVIN_ANN)
+    (root / "validation" / ".hydra").mkdir(parents=True)
+    (root / "validation" / ".hydra" / "merged_config.yaml").write_text("# stand-in for the split's env config\n")
+    return root
+
+
+def test_calvin_split_needs_its_recordings_file(calvin_split, tmp_path):
+    import shutil
+    ds = data.CalvinDataset(calvin_split, "training", window=2, chunk=2, image_size=32)
+    assert len(ds.seg_start) == 3
+    broken = tmp_path / "task_D_D"
+    shutil.copytree(calvin_split / "training", broken / "training")
+    (broken / "training" / "ep_start_end_ids.npy").unlink()
+    with pytest.raises(data.DataError, match=r"training/ep_start_end_ids.npy: not found"):
+        data.CalvinDataset(broken, "training", window=2, chunk=2, image_size=32)
+
+
+def test_dataset_summary_names_every_kind(calvin_split, tmp_path):
+    import train
+    calvin = data.CalvinDataset(calvin_split, "training", window=2, chunk=2, image_size=32)
+    h5 = write_episodes(tmp_path / "b.h5", "bridge_orig", n_eps=2, views=("static", "wrist"))
+    assert train.describe_dataset(calvin) == "3 annotated segments"
+    assert train.describe_dataset(data.HDF5Dataset(h5, 2, 2, image_size=32)) == "2 episodes"
+    mix = data.MixtureDataset([(calvin, 1.0), (data.HDF5Dataset(h5, 2, 2, image_size=32), 1.0)])
+    assert train.describe_dataset(mix) == "mixture of 2 datasets (calvin: 3 annotated segments, bridge_orig: 2 episodes)"
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Rehearsals: the real command lines in fresh processes, tiny model, a few steps, the test doubles
+# -----------------------------------------------------------------------------------------------------------
+
+ATTRS = {"control_hz": 5, "action_convention": "delta xyz (m) + delta euler xyz (rad) + gripper 1 open/-1 closed"}
+TRAIN = ["--steps", "3", "--batch", "4", "--window", "2", "--chunk", "2", "--image-size", "32", "--threads", "1",
+         "--loader-workers", "0", "--log-every", "1", "--eval-episodes", "0", "--warmup", "1"]
+
+
+def write_episodes(path, key, n_eps=3, T=10, views=("static",), seed=0):
+    """An HDF5 file in the project's format (data.EpisodeWriter) whose statistics key is `key`."""
+    rng = np.random.default_rng(seed)
+    with data.EpisodeWriter(path, {**ATTRS, "dataset_key": key}) as w:
+        for e in range(n_eps):
+            a = rng.uniform(-0.02, 0.02, (T, 7)).astype(np.float32)
+            a[:, 6] = np.where(np.arange(T) < T // 2, 1.0, -1.0)
+            w.add_episode({v: rng.integers(0, 256, (T, 48, 48, 3), dtype=np.uint8) for v in views}, a,
+                          "put carrot on plate" if e % 2 else "put the spoon on the towel", f"task{e % 2}")
+    return str(path)
+
+
+def cli(script, *args, cwd):
+    """`python script args` in a fresh process, the doubles of tests/fakes importable (as an install would be)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(FAKES)])}
+    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                       env=env, cwd=cwd, timeout=600)
+    if p.returncode != 0:
+        raise AssertionError(f"{script} exited {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return p.stdout
+
+
+def loss_rows(run):
+    import csv
+    rows = list(csv.DictReader(open(Path(run) / "metrics.csv")))
+    assert len(rows) == 3 and all(np.isfinite(float(r["loss"])) and float(r["loss"]) > 0 for r in rows)
+    return rows
+
+
+def overlays(tmp_path):
+    import evaluate as ev
+    d = tmp_path / "real_inpainting"
+    d.mkdir()
+    for name in {e["overlay"] for t in ev.SIMPLER_TASKS for e in ev.simpler_episodes(t)}:
+        (d / name).write_bytes(b"")
+    return d
+
+
+def table_row(text, first_cell):
+    """The cells of the markdown row that starts with `first_cell`."""
+    for line in text.splitlines():
+        if line.startswith(f"| {first_cell} |"):
+            return [c.strip() for c in line.strip().strip("|").split("|")]
+    raise AssertionError(f"no row {first_cell!r} in:\n{text}")
+
+
+@pytest.mark.slow
+def test_rehearsal_calvin_split_train_then_evaluate(calvin_split, tmp_path):
+    """CALVIN split -> python train.py --data SPLIT -> python evaluate.py --benchmark calvin (the double)."""
+    run = tmp_path / "run"
+    out = cli("train.py", "--data", calvin_split / "training", "--out", run, *TRAIN, cwd=tmp_path)
+    assert "dataset: 3 annotated segments," in out
+    loss_rows(run)
+    assert set(json.loads((run / "action_stats.json").read_text())) == {"calvin"}
+    seq = tmp_path / "eval_sequences.json"  # two official chains (eval_sequences.json entries 0 and 3)
+    seq.write_text(json.dumps([
+        [{"led": 1, "lightbulb": 1, "slider": "left", "drawer": "open", "red_block": "slider_left",
+          "blue_block": "table", "pink_block": "slider_right", "grasped": 0},
+         ["rotate_blue_block_right", "move_slider_right", "lift_red_block_slider", "place_in_slider",
+          "turn_off_lightbulb"]],
+        [{"led": 1, "lightbulb": 0, "slider": "right", "drawer": "closed", "red_block": "slider_right",
+          "blue_block": "table", "pink_block": "table", "grasped": 0},
+         ["rotate_blue_block_right", "lift_pink_block_table", "place_in_slider", "move_slider_left", "open_drawer"]]]))
+    text = cli("evaluate.py", "--ckpt", run, "--benchmark", "calvin", "--calvin-root", calvin_split,
+               "--calvin-sequences", seq, "--out", tmp_path / "eval", cwd=tmp_path)
+    print(text)
+    row = table_row(text, "RoboVLMs (this run)")
+    assert row[1] == "task_D_D" and len(row) == 8
+    sr, avg = [float(c) for c in row[2:7]], float(row[7])
+    assert all(0 <= x <= 1 for x in sr) and sr == sorted(sr, reverse=True) and avg == pytest.approx(sum(sr), abs=0.01)
+    res = json.loads((tmp_path / "eval" / "calvin_results.json").read_text())
+    assert res["num_sequences"] == 2 and res["avg_seq_len"] == pytest.approx(avg, abs=0.005)
+    records = json.loads((tmp_path / "eval" / "calvin_sequences.json").read_text())
+    assert [len(r["steps"]) for r in records] == [min(r["result"] + 1, 5) for r in records]
+    assert all(1 <= s <= 360 for r in records for s in r["steps"])
+    assert (tmp_path / "eval" / "calvin_results.md").read_text().count("Avg. Len.") == 1
+
+
+@pytest.mark.slow
+def test_rehearsal_bridge_hdf5_train_then_simpler_widowx(tmp_path):
+    """HDF5 with statistics key bridge_orig -> python train.py -> python evaluate.py --benchmark simpler --task widowx."""
+    h5 = write_episodes(tmp_path / "bridge.h5", "bridge_orig")
+    run = tmp_path / "run"
+    out = cli("train.py", "--data", h5, "--views", "static", "--out", run, *TRAIN, cwd=tmp_path)
+    assert "dataset: 3 episodes," in out
+    loss_rows(run)
+    text = cli("evaluate.py", "--ckpt", run, "--benchmark", "simpler", "--task", "widowx", "--max-episodes", "1",
+               "--simpler-overlays", overlays(tmp_path), "--out", tmp_path / "eval", cwd=tmp_path)
+    print(text)
+    row = table_row(text, "RoboVLMs (this run)")
+    assert len(row) == 9 and all(0 <= float(c) <= 1 for c in row[1:])  # grasp, final for the 4 Bridge tasks
+    episodes = json.loads((tmp_path / "eval" / "simpler_episodes.json").read_text())
+    assert {t: [e["steps"] for e in eps] for t, eps in episodes.items()} == {
+        "widowx_spoon_on_towel": [60], "widowx_carrot_on_plate": [60], "widowx_stack_block": [60],
+        "widowx_eggplant_in_basket": [120]}
+    res = json.loads((tmp_path / "eval" / "simpler_results.json").read_text())
+    assert [f"{res[t]['grasp']:.3f}" for t in episodes] == row[1::2]
+
+
+@pytest.mark.slow
+def test_rehearsal_cotrain_posttrain_evaluate(tmp_path):
+    """Co-train on two HDF5 files (Google fractal + Bridge) -> post-train on Bridge with --init-from -> evaluate
+    on a task of each robot: the co-training statistics travel into the post-trained run."""
+    fractal = write_episodes(tmp_path / "fractal.h5", "fractal20220817_data", seed=1)
+    bridge = write_episodes(tmp_path / "bridge.h5", "bridge_orig", seed=2)
+    co, post = tmp_path / "cotrain", tmp_path / "posttrain"
+    out = cli("train.py", "--data", fractal, bridge, "--data-weights", "1", "2", "--views", "static", "--out", co,
+              *TRAIN, cwd=tmp_path)
+    assert "mixture of 2 datasets (fractal20220817_data: 3 episodes, bridge_orig: 3 episodes)" in out
+    loss_rows(co)
+    out = cli("train.py", "--data", bridge, "--views", "static", "--init-from", co, "--out", post, *TRAIN, cwd=tmp_path)
+    assert "post-train: initialized from" in out and "bridge_orig" in out
+    loss_rows(post)
+    stats = json.loads((post / "action_stats.json").read_text())
+    assert set(stats) == {"fractal20220817_data", "bridge_orig"}
+    from safetensors.torch import load_file
+    w_co, w_post = load_file(str(co / "model.safetensors")), load_file(str(post / "model.safetensors"))
+    assert w_co.keys() == w_post.keys() and any(not torch.equal(w_co[k], w_post[k]) for k in w_co)
+    text = cli("evaluate.py", "--ckpt", post, "--benchmark", "simpler", "--task", "google_move_near,widowx_carrot_on_plate",
+               "--max-episodes", "1", "--simpler-overlays", overlays(tmp_path), "--out", tmp_path / "eval", cwd=tmp_path)
+    print(text)
+    res = json.loads((tmp_path / "eval" / "simpler_results.json").read_text())
+    assert set(res) == {"google_move_near", "widowx_carrot_on_plate"}
+    assert all(r["episodes"] == 1 and 0 <= r["success"] <= 1 for r in res.values())
+    assert "(a) WidowX + Bridge" in text and "(b) Google Robot" in text
+    assert table_row(text.split("(b) Google Robot")[1], "RoboVLMs (this run)")[5] == f"{res['google_move_near']['success']:.3f}"

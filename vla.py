@@ -464,7 +464,8 @@ class VLA(nn.Module):
       images uint8 (B, H, V, 3, S, S), actions (B, H, L, 7) normalized, action_mask bool (B, H, L),
       instruction list[str] (B). (A `state` entry is ignored: the paper's setting uses no proprioception.)
     Token layout per frame (official): [BOS] [wrist image] [static image] [text] [LRN] [EOS], sequences
-    padded at the end. Which parts train: config.train_vision / train_language / train_embeddings set
+    padded at the end. The LM attends causally, except PaliGemma (config.attention "auto"): a prefix-LM over
+    [BOS] images text, as pretrained (prefix_mask). Which parts train: config.train_vision / train_language / train_embeddings set
     requires_grad of the backbone parts; [LRN], heads and the MoE expert always train.
     trainable_parameters() lists what the optimizer should see.
     """

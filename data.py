@@ -725,9 +725,14 @@ class CalvinDataset(WindowDataset):
         return d
 
     def _check_recordings(self, seg):
-        """Indices of annotations not inside one contiguous recording of ep_start_end_ids.npy (if present)."""
+        """Indices of annotations not inside one contiguous recording of ep_start_end_ids.npy. The file is
+        required: without it a window could silently jump across a reset between two recordings."""
         path = self.split_dir / "ep_start_end_ids.npy"
-        if not path.exists() or not len(seg):
+        if not path.is_file():
+            raise DataError(f"{path}: not found; every CALVIN split has it (int array (N, 2), the inclusive [start, "
+                            f"end] frame ids of its contiguous recordings) and windows must not cross a reset: copy "
+                            f"it from the downloaded split")
+        if not len(seg):
             return set()
         try:
             rec = np.asarray(np.load(path), dtype=np.int64).reshape(-1, 2)

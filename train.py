@@ -63,6 +63,9 @@ def parse_args(argv=None):
     a.add_argument("--action-loss", default="huber", choices=["huber", "mse", "flow"])
     a.add_argument("--moe", action="store_true",
                    help="pi0-style mixture-of-experts action expert (Table IIb; one_step_continuous only)")
+    a.add_argument("--attention", default="auto", choices=["auto", "prefix", "causal"],
+                   help="LM mask: auto = the backbone's own (PaliGemma: prefix-LM, bidirectional over images + "
+                        "prompt; others causal)")
     a.add_argument("--views", default="static,wrist", help="cameras, comma-separated")
     a.add_argument("--image-size", type=int, default=64, help="rendered (and model input) image size")
     d = p.add_argument_group("data (Meta-World scripted-expert demonstrations)")
@@ -123,7 +126,8 @@ def parse_args(argv=None):
         for a in p._actions:
             a.default = argparse.SUPPRESS
         given = vars(p.parse_args(argv))
-        args = argparse.Namespace(**{**vars(args), **json.loads(saved.read_text()), **given})
+        old = {"attention": "causal", **json.loads(saved.read_text())}  # runs from before --attention: causal
+        args = argparse.Namespace(**{**vars(args), **old, **given})
         args.out = args.resume
         args.debug_nan_at_step, args.debug_kill_at_step = (given.get(k, -1) for k in ("debug_nan_at_step",
                                                                                       "debug_kill_at_step"))
@@ -168,6 +172,16 @@ def build_data_mixture(args):
     return sets[0] if len(sets) == 1 else data.MixtureDataset(list(zip(sets, w)), seed=args.seed)
 
 
+def describe_dataset(dataset):
+    """'12 episodes' (HDF5), '9 annotated segments' (CALVIN: windows come from language-annotated segments,
+    not whole recordings), or 'mixture of 2 datasets (key: ..., key: ...)'."""
+    if isinstance(dataset, data.MixtureDataset):
+        return f"mixture of {len(dataset.datasets)} datasets (" + ", ".join(
+            f"{d.key}: {describe_dataset(d)}" for d in dataset.datasets) + ")"
+    unit = "annotated segments" if isinstance(dataset, data.CalvinDataset) else "episodes"
+    return f"{len(dataset.seg_start)} {unit}"
+
+
 def head_preset(flag, backbone):
     """--head-size auto -> "paper" for a pretrained backbone folder, "tiny" for the CPU backbones."""
     if flag != "auto":
@@ -183,7 +197,8 @@ def build_model(args):
     config = preset(formulation=args.formulation, backbone=args.backbone, head=args.head,
                     window=args.window, chunk=args.chunk, action_loss=args.action_loss,
                     views=tuple(args.views), image_size=args.image_size,
-                    moe=getattr(args, "moe", False), shift_aug=getattr(args, "shift_aug", True))
+                    moe=getattr(args, "moe", False), shift_aug=getattr(args, "shift_aug", True),
+                    attention=getattr(args, "attention", "auto"))
     return vla.VLA(config)
 
 
@@ -659,8 +674,8 @@ def main(argv=None):
     if rank == 0:
         barrier(world)
     t_data = time.time() - t0
-    print(f"dataset: {len(getattr(dataset, 'episodes', ())) or 'mixture of ' + str(len(dataset.datasets))} episodes, "
-          f"{len(dataset)} windows (H={args.window}, L={args.chunk}), {t_data:.0f} s, on {world} process(es)")
+    print(f"dataset: {describe_dataset(dataset)}, {len(dataset)} windows (H={args.window}, L={args.chunk}), "
+          f"{t_data:.0f} s, on {world} process(es)")
     model = build_model(args)
     stats = dataset.stats_by_key
     if args.init_from:  # post-train: the co-trained weights, and its datasets' statistics travel along

@@ -384,6 +384,10 @@ class VLAConfig:
     shift_aug: bool = True  # official random-shift augmentation in training
     action_norm: str = "quantile"  # how the training data was normalized ("quantile" | "bounds")
     norm_bound: float = OFFICIAL_BOUND
+    # LM attention: "auto" = as the backbone was pretrained (PaliGemma: prefix-LM, i.e. [BOS], images and prompt
+    # see each other, what follows is causal; transformers' token_type_ids, pi0; every other family: causal),
+    # "prefix" | "causal" to force one (see VLA.prefix_lm and docs/backbones.md)
+    attention: str = "auto"
 
     @classmethod
     def tiny(cls, **overrides):
@@ -412,6 +416,7 @@ class VLAConfig:
         if unknown:
             raise ValueError(f"unknown VLAConfig field(s) {unknown}; was the checkpoint written by a newer version?")
         d = dict(d)
+        d.setdefault("attention", "causal")  # written before the field existed: those runs trained causally
         for k in ("views", "head_mlp"):
             if k in d:
                 d[k] = tuple(d[k])
@@ -436,6 +441,9 @@ class VLAConfig:
                 f"got {self.formulation}")
         if not self.views:
             bad("views must name at least one camera, e.g. ('static', 'wrist')")
+        if self.attention not in ("auto", "prefix", "causal"):
+            bad(f"attention must be 'auto' (the backbone's own: prefix-LM for PaliGemma), 'prefix' or 'causal', "
+                f"got {self.attention!r}")
         return self
 
 
@@ -456,7 +464,8 @@ class VLA(nn.Module):
       images uint8 (B, H, V, 3, S, S), actions (B, H, L, 7) normalized, action_mask bool (B, H, L),
       instruction list[str] (B). (A `state` entry is ignored: the paper's setting uses no proprioception.)
     Token layout per frame (official): [BOS] [wrist image] [static image] [text] [LRN] [EOS], sequences
-    padded at the end. Which parts train: config.train_vision / train_language / train_embeddings set
+    padded at the end. The LM attends causally, except PaliGemma (config.attention "auto"): a prefix-LM over
+    [BOS] images text, as pretrained (prefix_mask). Which parts train: config.train_vision / train_language / train_embeddings set
     requires_grad of the backbone parts; [LRN], heads and the MoE expert always train.
     trainable_parameters() lists what the optimizer should see.
     """
@@ -475,6 +484,11 @@ class VLA(nn.Module):
         if c.formulation in ("interleaved", "one_step_discrete") and not bb.image_tokens_inline:
             raise ValueError(f"{c.formulation} needs a decoder-only backbone (image tokens in the sequence); "
                              f"{c.backbone} is cross-attention based: use policy_head or one_step_continuous")
+        if c.attention == "prefix" and not isinstance(bb, backbones.PretrainedVLM):
+            raise ValueError(f"attention='prefix' needs a backbone that takes an attention mask (the Kosmos-2, "
+                             f"PaliGemma and LLaVA families); {c.backbone} is always causal: use attention='auto'")
+        # PaliGemma was pretrained as a prefix-LM (bidirectional over [BOS] images prompt); see prefix_mask
+        self.prefix_lm = c.attention == "prefix" or (c.attention == "auto" and getattr(bb, "family", "") == "paligemma")
         d = bb.hidden_size
         self.lrn = nn.Parameter(torch.zeros(d))  # the learnable [LRN] token, zero-initialised (official)
         objective = "flow" if c.action_loss == "flow" else "regress"
@@ -572,6 +586,11 @@ class VLA(nn.Module):
         eos = self.backbone.tokenizer.eos_id
         return self.text_ids(instruction) + [-1] + ([eos] if eos is not None else [])  # [LRN] before EOS
 
+    @staticmethod
+    def _mask_kw(mask):
+        """backbone(..., **_mask_kw(mask)): only the families that take a mask (PretrainedVLM) ever get one."""
+        return {} if mask is None else {"mask": mask}
+
     def media(self, img_tok):
         """What forward(media=) gets: None for decoder-only VLMs (images are inline), else the image tokens."""
         return None if self.backbone.image_tokens_inline else img_tok
@@ -580,6 +599,22 @@ class VLA(nn.Module):
     def positions(x):
         return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
 
+    def prefix_mask(self, valid, n_prefix):
+        """The LM's attention mask for rows whose first n_prefix (N,) positions are the prefix: [BOS], image
+        tokens and the instruction prompt. Prefix-LM (self.prefix_lm): every query sees every valid prefix key,
+        the rest ([LRN], action tokens, [EOS], later interleaved frames) is causal, as transformers' PaliGemma
+        with token_type_ids 0 on the prefix. -> bool (N, 1, T, T), or None for the backbone's causal mask."""
+        if not self.prefix_lm:
+            return None
+        T = valid.shape[1]
+        prefix = torch.arange(T, device=valid.device)[None] < torch.as_tensor(n_prefix, device=valid.device)[:, None]
+        return backbones.padding_attention_mask(valid, T, bidir_keys=prefix & valid)
+
+    def n_prefix(self, x, tails, instructions):
+        """(N,) prefix length of each row of sequences(x, tails): [BOS] + image tokens + the prompt's tokens."""
+        lead = x.shape[1] - max(len(t) for t in tails)  # [BOS] + image tokens, the same in every row
+        return torch.tensor([lead + len(self.text_ids(s)) for s in instructions], device=x.device)
+
     # --- per-formulation feature extraction ---
 
     def frame_features(self, images, instructions):
@@ -587,9 +622,11 @@ class VLA(nn.Module):
         images uint8 (B, H, V, 3, S, S), instructions (B) -> [LRN] last-layer hidden states (B, H, d)."""
         B, H = images.shape[:2]
         tok = self.image_tokens(images.flatten(0, 1))  # (B*H, V*T_img, d)
-        tails = [self.lrn_tail(instructions[b]) for b in range(B) for _ in range(H)]
+        instructions = [instructions[b] for b in range(B) for _ in range(H)]
+        tails = [self.lrn_tail(s) for s in instructions]
         x, valid, is_lrn, _ = self.sequences(tok, tails)
-        hidden, _ = self.backbone(x, self.positions(x), media=self.media(tok))  # (B*H, T, d)
+        mask = self.prefix_mask(valid, self.n_prefix(x, tails, instructions))
+        hidden, _ = self.backbone(x, self.positions(x), media=self.media(tok), **self._mask_kw(mask))  # (B*H, T, d)
         return hidden[is_lrn].view(B, H, -1)
 
     def interleaved_features(self, images, instructions):
@@ -598,9 +635,11 @@ class VLA(nn.Module):
         tok = self.image_tokens(images.flatten(0, 1))
         tails = [self.lrn_tail(instructions[b]) for b in range(B) for _ in range(H)]
         x, valid, is_lrn, _ = self.sequences(tok, tails)  # (B*H, n, d): one segment per row
+        n_pre = self.n_prefix(x, tails, [instructions[b] for b in range(B) for _ in range(H)]).view(B, H)[:, 0]
         x, valid, is_lrn = (t.reshape(B, H * t.shape[1], *t.shape[2:]) for t in (x, valid, is_lrn))
         valid, x, is_lrn = _pack(valid, x, is_lrn)  # segments back to back, padding at the end of each row
-        hidden, _ = self.backbone(x, self.positions(x))
+        # prefix-LM: only the first frame's [BOS] images prompt is the prefix; from its [LRN] on all is causal
+        hidden, _ = self.backbone(x, self.positions(x), **self._mask_kw(self.prefix_mask(valid, n_pre)))
         return hidden[is_lrn].view(B, H, -1)
 
     def vl_prefix(self, images, instructions):
@@ -608,7 +647,8 @@ class VLA(nn.Module):
         images (N, V, 3, S, S) -> (hidden (N, T, d), per-layer cache, valid (N, T), action positions (N, L))."""
         tok = self.image_tokens(images)
         x, valid, _, _ = self.sequences(tok, [self.text_ids(s) for s in instructions])
-        hidden, cache = self.backbone(x, self.positions(x), media=self.media(tok))
+        mask = self.prefix_mask(valid, valid.sum(1))  # prefix-LM: the whole VL prefix is bidirectional (pi0)
+        hidden, cache = self.backbone(x, self.positions(x), media=self.media(tok), **self._mask_kw(mask))
         pos = valid.sum(1, keepdim=True) + torch.arange(self.config.chunk, device=x.device)  # after the prefix
         return hidden, cache, valid, pos
 
@@ -662,7 +702,8 @@ class VLA(nn.Module):
         T_pre = x.shape[1] - max(len(t) for t in tails)  # [BOS] + image tokens
         for b in range(B):
             target[b, T_pre:T_pre + len(sup[b])] = torch.tensor(sup[b], device=target.device)
-        hidden, _ = self.backbone(x, self.positions(x))
+        mask = self.prefix_mask(valid, self.n_prefix(x, tails, instructions))  # actions + EOS are causal
+        hidden, _ = self.backbone(x, self.positions(x), **self._mask_kw(mask))
         logits = self.backbone.lm_logits(hidden)  # (B, T, vocab)
         # logits at position p predict the token at p + 1
         return discrete_action_loss(logits[:, :-1], ids[:, 1:].clamp(min=0), target[:, 1:])
@@ -690,8 +731,9 @@ class VLA(nn.Module):
         """one_step_discrete: greedy decoding of the whole chunk (7·L tokens) with a KV cache (the official
         code decodes one action only). images uint8 (1, V, 3, S, S) -> normalized chunk (1, L, 7)."""
         tok = self.image_tokens(images)
-        x, _, _, _ = self.sequences(tok, [self.text_ids(instruction)])
-        hidden, cache = self.backbone(x, self.positions(x))
+        x, valid, _, _ = self.sequences(tok, [self.text_ids(instruction)])
+        mask = self.prefix_mask(valid, valid.sum(1))  # the prompt is all prefix; decoded tokens are causal (cache)
+        hidden, cache = self.backbone(x, self.positions(x), **self._mask_kw(mask))
         at, pos, out = self.action_tokenizer, x.shape[1], []
         for _ in range(ACTION_DIM * self.config.chunk):
             logits = self.backbone.lm_logits(hidden[:, -1])[:, at.id_min:at.id_max + 1]  # only action ids
@@ -721,7 +763,10 @@ class VLA(nn.Module):
             n_seg -= 1
         start = state.get("next_pos", 0)
         pos = torch.arange(start, start + n, device=x.device)[None]  # (1, n)
-        hidden, cache = self.backbone(x, pos, cache)
+        # prefix-LM: the first segment's [BOS] images prompt is the prefix (as interleaved_features)
+        mask = self.prefix_mask(torch.ones(1, n, dtype=torch.bool, device=x.device),
+                                self.n_prefix(x, [self.lrn_tail(instruction)], [instruction])) if cache is None else None
+        hidden, cache = self.backbone(x, pos, cache, **self._mask_kw(mask))
         state.update(cache=cache, n_seg=n_seg + 1, next_pos=start + n)
         return hidden[is_lrn].view(1, -1)
 

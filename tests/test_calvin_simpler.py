@@ -426,7 +426,15 @@ class ScriptedSimplerPolicy:
         self.seen.append(instruction)
         a = np.zeros(7)
         a[6] = 1.0
-        if self.idle or self.released or (w.kind == "apple" and w.subtask == 0):  # apple: wait for subtask 2
+        if self.idle or self.released:
+            return a
+        if w.kind == "apple" and w.subtask == 0:  # apple: pull the drawer handle 16 cm to +x, let go, wait
+            if w.episode_stats["is_drawer_open"]:
+                return a
+            d = w.handle - w.tcp if not w.holding else np.array([0.01, 0.0, 0.0])
+            a[:3], a[6] = np.clip(d, -0.01, 0.01), (-1.0 if w.holding else 1.0)
+            if not w.holding and np.linalg.norm(d) < 0.005:
+                a[:3], a[6] = 0.0, -1.0  # close on the handle
             return a
         if self.drop_at is not None and w.elapsed_steps >= self.drop_at:
             return a  # open the gripper and stay
@@ -482,7 +490,7 @@ def test_simpler_protocol_on_double(fakes, tmp_path):
     for t in tasks:
         assert summary[t]["success"] == 1.0 and summary[t]["episodes"] == 2
     assert summary["widowx_carrot_on_plate"]["grasp"] == 1.0 and summary["google_open_drawer"]["grasp"] is None
-    # apple: the instruction switches at step 100 and the policy history is reset then
+    # apple: the instruction switches once the drawer is open (RoboVLMs' rule) and the policy history is reset then
     g = policies["google_robot"]
     assert g.resets == 2 + 2 + 2 * 2 and "place apple into top drawer" in g.seen
     records = json.loads((tmp_path / "out" / "simpler_episodes.json").read_text())

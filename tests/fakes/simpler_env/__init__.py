@@ -1,11 +1,12 @@
 """Test double of SimplerEnv (github.com/simpler-env/SimplerEnv) + its ManiSkill2_real2sim environments, used only
-by tests/test_calvin_simpler.py. Faithful to the interface evaluate.py relies on (shared/reference/
+by tests/test_calvin_simpler.py and tests/test_rehearsals.py. Faithful to the interface evaluate.py relies on (shared/reference/
 env-and-robot-apis.md section 2): utils.env.env_builder.build_maniskill2_env / get_robot_control_mode,
 utils.env.observation_utils.get_image_from_maniskill2_obs_dict, gymnasium-style reset(seed, options) ->
 (obs, info) and step(ndarray (7,)) -> (obs, reward, terminated, truncated, info) behind a TimeLimit wrapper that
 forwards attributes, get_language_instruction / is_final_subtask / advance_to_next_subtask, robot_uid, the obs
-nesting and image shapes, cumulative episode_stats, and the place-in-drawer instruction switch at step 100.
-The world is a scripted point-mass gripper and one object (see _world.py), not SAPIEN."""
+nesting and image shapes, cumulative episode_stats, and the place-in-drawer task's drawer (qpos, is_drawer_open,
+has_contact) and its own instruction switch at the start of step 101 (the first step taken with elapsed_steps >= 100).
+The world is a scripted point-mass gripper and one object (+ a drawer handle; see _world.py), not SAPIEN."""
 
 from ._world import ENV_IDS, make_env
 

@@ -8,8 +8,12 @@ rotation is accumulated but has no effect). Gripper semantics follow the real co
 Closing within 1 cm of the object grasps it; a grasped object follows the tcp (drawer handles only along x).
 Success per env kind, re-evaluated every step (not sticky, like the real envs): "lift" object 2 cm above its start
 while grasped; "place" object released within 2 cm (xy) of a target 5 cm to +y of its start; "open"/"close"
-handle moved +15 cm / -15 cm along x; "apple" = "place" during the second subtask (which starts when
-elapsed_steps reaches 100 or on advance_to_next_subtask()).
+handle moved +15 cm / -15 cm along x; "apple": a drawer handle 5 cm to -x and -y of the tcp's start as well, grasped the
+same way and pulled along +x (qpos = how far); stats qpos, is_drawer_open (ever qpos >= 0.15), has_contact (steps
+with the apple placed, our stand-in for touching the drawer bottom); success = second subtask active and qpos >= 0.05
+and has_contact >= 1, as PlaceObjectInClosedDrawerInSceneEnv.evaluate. The second subtask starts on
+advance_to_next_subtask() or, like the real env's step(), at the START of the first step taken with
+elapsed_steps >= 100 (step 101): the instruction read after step 100 is still the first one.
 """
 
 from pathlib import Path
@@ -103,9 +107,12 @@ class _Env:
         self.obj0 = np.array([0.05 + shift, 0.0, 0.0])
         self.obj, self.closedness, self.grasped = self.obj0.copy(), 0.0, False
         self.subtask, self.elapsed_steps, self.consecutive = 0, 0, 0
+        self.handle0 = np.array([-0.05, -0.05, 0.0])  # apple: the drawer handle (qpos = its +x displacement)
+        self.handle, self.holding = self.handle0.copy(), False
         # the real envs' cumulative stats: Bridge put-on tasks and Google grasp tasks name them differently
         self.episode_stats = ({"is_src_obj_grasped": False, "consecutive_grasp": False} if not self.google else
                               {"n_lift_significant": 0, "consec_grasp": False, "grasped": False} if self.kind == "lift"
+                              else {"qpos": 0.0, "is_drawer_open": False, "has_contact": 0} if self.kind == "apple"
                               else {})
         return self._obs(), {"scene_name": self.kwargs.get("scene_name"), "episode_id": obj.get("episode_id")}
 
@@ -117,6 +124,8 @@ class _Env:
         elif not isinstance(action, np.ndarray):
             raise TypeError(type(action))
         assert action.shape == (7,), f"action shape {action.shape} != (7,)"  # the controllers assert part shapes
+        if self.kind == "apple" and self.subtask == 0 and self.elapsed_steps >= 100:
+            self.advance_to_next_subtask()  # force_advance_subtask_time_steps = 100, checked before stepping
         self.received.append(action.copy())
         self.tcp = self.tcp + action[:3]
         self.rotvec = self.rotvec + action[3:6]
@@ -128,16 +137,18 @@ class _Env:
             closed = g < 0
         if closed and not self.grasped and np.linalg.norm(self.tcp - self.obj) < 0.01:
             self.grasped = True
+        elif closed and self.kind == "apple" and not self.grasped and np.linalg.norm(self.tcp - self.handle) < 0.01:
+            self.holding = True
         if not closed:
-            self.grasped = False
+            self.grasped = self.holding = False
+        if self.holding:
+            self.handle[0] = max(self.tcp[0], self.handle0[0])
         if self.grasped:
             if self.kind in ("open", "close"):
                 self.obj[0] = self.tcp[0]
             else:
                 self.obj = self.tcp.copy()
         self.elapsed_steps += 1
-        if self.kind == "apple" and self.subtask == 0 and self.elapsed_steps >= 100:
-            self.advance_to_next_subtask()  # force_advance_subtask_time_steps = 100
         self.consecutive = self.consecutive + 1 if self.grasped else 0
         st = self.episode_stats
         if "is_src_obj_grasped" in st:
@@ -147,6 +158,10 @@ class _Env:
             st["grasped"] = st["grasped"] or self.grasped
             st["consec_grasp"] = st["consec_grasp"] or self.consecutive >= 5
             st["n_lift_significant"] += int(self.grasped and self.obj[2] - self.obj0[2] > 0.02)
+        elif "is_drawer_open" in st:
+            st["qpos"] = float(self.handle[0] - self.handle0[0])
+            st["is_drawer_open"] = st["is_drawer_open"] or st["qpos"] >= 0.15
+            st["has_contact"] += int(self._placed())
         success = self._success()
         info = {"elapsed_steps": self.elapsed_steps, "success": success, "is_src_obj_grasped": self.grasped,
                 "episode_stats": self.episode_stats}
@@ -160,8 +175,14 @@ class _Env:
             return bool(d[0] >= 0.15)
         if self.kind == "close":
             return bool(d[0] <= -0.15)
-        placed = (not self.grasped) and abs(d[0]) < 0.02 and abs(d[1] - 0.05) < 0.02
-        return bool(placed and (self.kind == "place" or self.subtask == 1))
+        if self.kind == "apple":
+            st = self.episode_stats
+            return bool(self.subtask == 1 and st["qpos"] >= 0.05 and st["has_contact"] >= 1)
+        return self._placed()
+
+    def _placed(self):
+        d = self.obj - self.obj0
+        return bool((not self.grasped) and abs(d[0]) < 0.02 and abs(d[1] - 0.05) < 0.02)
 
     def _obs(self):
         rgb = np.zeros(self.image_shape, dtype=np.uint8)

@@ -969,7 +969,7 @@ def load_vlm(path, dtype=torch.float32, device="cpu", weights=True):
                         neox = key.endswith(("query_key_value.weight", "query_key_value.bias"))
                         heads = targets[0][3] if len(targets[0]) > 3 else vlm.lm.n_heads if neox else None
                         parts = buf.chunk(n) if heads is None else buf.view(heads, n, -1, *expected[1:]).unbind(1)
-                        for (ours, _, _), part in zip(targets, parts):  # NeoX: rows ordered (head, q/k/v, dim)
+                        for (ours, *_), part in zip(targets, parts):  # NeoX: rows ordered (head, q/k/v, dim)
                             params[ours].data.copy_(part.reshape(params[ours].shape))
                 loaded.update(t[0] for t in targets)
     if unexpected:

@@ -43,7 +43,8 @@ and these methods:
       how VLAConfig's train_vision / train_language / train_embeddings flags freeze parts.
 
 Families: `tiny` (first section below), the pretrained Kosmos-2 / PaliGemma / LLaVA-1.5 families (section
-"pretrained families") and OpenFlamingo (Flamingo-style; its MPT LM and checkpoint layout close the file).
+"pretrained families"), OpenFlamingo (Flamingo-style; its MPT LM and checkpoint layout follow), then Qwen-VL and
+UForm-Gen2 (section "Qwen-VL and UForm", closing the file).
 `tiny` is a small decoder-only VLM with random initialization
 (ViT image encoder -> 2x2 patch-merge MLP projector -> causal transformer LM with RoPE, tied LM head, KV cache)
 and a byte-fallback BPE sentencepiece tokenizer trained on the fly from a built-in robot-instruction corpus.
@@ -1605,14 +1606,15 @@ _QWEN_RENAMES = [
     (r"^transformer\.ln_f\.", "lm.norm."), (r"^lm_head\.", "lm.lm_head."),
     (r"\.ln_1\.", ".norm1."), (r"\.ln_2\.", ".norm2."), (r"\.mlp\.(c_fc|w1|hidden_layer)\.", ".mlp.fc1."),
     (r"\.mlp\.w2\.", ".mlp.gate."), (r"\.mlp\.(c_proj|output_layer)\.", ".mlp.fc2."),
-    (r"\.attn\.(c_proj|out_proj|out)\.", ".attn.o_proj."), (r"\.attn\.(c_attn\.|in_proj_)(weight|bias)$", r".attn.{qkv}_proj.\2"),
+    (r"\.attn\.(c_proj|out_proj|out)\.", ".attn.o_proj."),
+    (r"\.attn\.(c_attn\.|in_proj_)(weight|bias)$", r".attn.{qkv}_proj.\2"),
     (r"\.attn\.in_proj\.(weight|bias)$", r".attn.{qkv/head}_proj.\1"),
     # UForm
     (r"^image_encoder\.blocks\.", "vision.layers."), (r"^image_encoder\.", "vision."),
     (r"\.attn\.(query|key|value)\.", lambda m: f".attn.{m.group(1)[0]}_proj."), (r"\.(ls[12])\.gamma$", r".\1"),
     (r"^image_pooler\.pooler\.multihead_attn\.", "projector.cross_attn."), (r"^image_pooler\.pooler\.", "projector."),
-    (r"^image_pooler\.", "projector."), (r"\.self_attn\.in_proj_(weight|bias)$", r".self_attn.{qkv}_proj.\1"),
-    (r"^(projector\.\w+)\.in_proj_(weight|bias)$", r"\1.{qkv}_proj.\2"), (r"^(projector\.\w+)\.out_proj\.", r"\1.o_proj."),
+    (r"^image_pooler\.", "projector."), (r"^(projector\.\w+)\.in_proj_(weight|bias)$", r"\1.{qkv}_proj.\2"),
+    (r"^(projector\.\w+)\.out_proj\.", r"\1.o_proj."),
     (r"^projector\.linear([12])\.", r"projector.mlp.fc\1."), (r"^text_decoder\.", "language_model."),
 ]
 

@@ -32,7 +32,8 @@ tk = pytest.importorskip("tokenizers", reason="the tokenizer oracle and UForm's 
 
 LINES = ["open the drawer", "Pick up the red block and place it in the drawer.", "turn on the light bulb",
          "push the blue block to the left", "rotate the pink block 90 degrees", "What's 12 + 345? It's 357!",
-         "Ünïcödé façade — naïve café, 東京 タワー, emoji 🤖\n\nnew line\ttab  spaces   ", "I'll've they're we'd"]
+         "Ünïcödé façade — naïve café, 東京 タワー, emoji 🤖\n\nnew line\ttab  spaces   ",
+         "I'll've they're we'd"]
 TEXTS = LINES + ["  leading spaces", "trailing\n", "a\r\nb", "x<|endoftext|>y<img>z</img>", "3.14159 + 2e10",
                  "don't DON'T", "\u0041\u030a ring (NFC: \u00c5)", "   ", "unseen wordsxyz qqq"]
 QWEN_SPECIALS = backbones.QWEN_VL_SPECIAL_TOKENS
@@ -189,7 +190,8 @@ def qwen_vl(bpe, tmp_path_factory):
             sd[b + "attn.c_attn." + s] = torch.cat([hf[a + f"self_attn.{c}_proj.{s}"] for c in "qkv"])
         sd.update({b + "attn.c_proj.weight": hf[a + "self_attn.o_proj.weight"], b + "ln_1.weight":
                    hf[a + "input_layernorm.weight"], b + "ln_2.weight": hf[a + "post_attention_layernorm.weight"],
-                   b + "mlp.w1.weight": hf[a + "mlp.up_proj.weight"], b + "mlp.w2.weight": hf[a + "mlp.gate_proj.weight"],
+                   b + "mlp.w1.weight": hf[a + "mlp.up_proj.weight"],
+                   b + "mlp.w2.weight": hf[a + "mlp.gate_proj.weight"],
                    b + "mlp.c_proj.weight": hf[a + "mlp.down_proj.weight"]})
     sd["transformer.h.0.attn.rotary_emb.inv_freq"] = torch.ones(32)  # a buffer some exports keep: ignored
     sd = {k: v.detach().clone().to(torch.bfloat16 if k.startswith("transformer.h.1.") else torch.float32)

@@ -1611,7 +1611,7 @@ _QWEN_RENAMES = [
     (r"\.attn\.in_proj\.(weight|bias)$", r".attn.{qkv/head}_proj.\1"),
     # UForm
     (r"^image_encoder\.blocks\.", "vision.layers."), (r"^image_encoder\.", "vision."),
-    (r"\.attn\.(query|key|value)\.", lambda m: f".attn.{m.group(1)[0]}_proj."), (r"\.(ls[12])\.gamma$", r".\1"),
+    (r"\.attn\.(query|key|value)\.", lambda m: f".attn.{m.group(1)[0]}_proj."), (r"\.(ls[12])\.(gamma|weight)$", r".\1"),
     (r"^image_pooler\.pooler\.multihead_attn\.", "projector.cross_attn."), (r"^image_pooler\.pooler\.", "projector."),
     (r"^image_pooler\.", "projector."), (r"^(projector\.\w+)\.in_proj_(weight|bias)$", r"\1.{qkv}_proj.\2"),
     (r"^(projector\.\w+)\.out_proj\.", r"\1.o_proj."),
@@ -1655,6 +1655,7 @@ class QwenFamilyVLM(PretrainedVLM):
                                    t["num_attention_heads"], t["intermediate_size"], t["rms_norm_eps"],
                                    t["rope_theta"], t["num_key_value_heads"], t["tie_word_embeddings"])
             self.image_boundary, self.image_size, self.n_image_tokens = None, c["image_size"], c["num_image_latents"]
+            self.tie_stated = "tie_word_embeddings" in (cfg.get("text_config") or {})
             self.tokenizer_filename = "tokenizer.json"
         else:
             raise ValueError(f"model_type {self.family!r} is not a Qwen family: expected one of {self.TYPES}")
@@ -1671,6 +1672,10 @@ class QwenFamilyVLM(PretrainedVLM):
 
     def key_to_ours(self, key):
         """Checkpoint key -> [(our parameter, chunk, n_chunks[, heads of a per-head layout])], [] if unused."""
+        if key == "text_decoder.lm_head.weight" and not self.tie_stated:
+            raise ValueError("the checkpoint stores text_decoder.lm_head.weight but config.json does not say whether "
+                             "the LM head is tied (Qwen1.5-0.5B ties it to the embeddings): add \"text_config\": "
+                             "{\"tie_word_embeddings\": false} to use the stored head (true ignores it)")
         for pattern, repl in _QWEN_RENAMES:
             key = re.sub(pattern, repl, key)
         if key.startswith("language_model."):

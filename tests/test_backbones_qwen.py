@@ -370,6 +370,11 @@ def test_kv_cache_and_bad_folders(family, request, tmp_path):
                                                             "Qwen1.5-0.5B-Chat")):
         backbones.load_vlm(str(bad))
     cfg = json.loads((bad / "config.json").read_text())
+    if family == "uform":  # a stored lm_head with no stated tie: say so rather than guess
+        (bad / "config.json").write_text(json.dumps({**cfg, "text_config": {
+            k: v for k, v in cfg["text_config"].items() if k != "tie_word_embeddings"}}))
+        with pytest.raises(ValueError, match="tie_word_embeddings"):
+            backbones.load_vlm(str(bad))
     if family == "qwen_vl":
         cfg["visual"]["width"] = 48
     else:
@@ -445,3 +450,77 @@ def test_vla_trains_and_acts_in_closed_loop(family, resampler, request, tmp_path
     _, _, actions = evaluate._rollout(env, 0, lambda obs, e: policy.act(obs, e.instruction), record=True)
     env.close()
     assert len(actions) == 3 and all(a.shape == (7,) and np.isfinite(a).all() for a in actions)
+
+
+# ---- the released architectures at full size (meta device): key list -> our parameters, shape for shape ----
+
+def _qwen_vl_released_shapes():
+    """Qwen/Qwen-VL's keys and shapes as public code names them (vLLM qwen_vl.py / Resampler2, HF key lists)."""
+    w, D, V, mlp = 1664, 4096, 151936, 11008
+    s = {"transformer.visual.conv1.weight": (w, 3, 14, 14), "transformer.visual.positional_embedding": (256, w),
+         "transformer.visual.attn_pool.query": (256, D), "transformer.visual.attn_pool.pos_embed": (256, D),
+         "transformer.visual.attn_pool.kv_proj.weight": (D, w), "transformer.visual.attn_pool.attn.in_proj_weight":
+         (3 * D, D), "transformer.visual.attn_pool.attn.in_proj_bias": (3 * D,),
+         "transformer.visual.attn_pool.attn.out_proj.weight": (D, D), "transformer.visual.attn_pool.attn.out_proj.bias":
+         (D,), "transformer.visual.proj": (D, D), "transformer.wte.weight": (V, D), "transformer.ln_f.weight": (D,),
+         "lm_head.weight": (V, D)}
+    for n, d in (("ln_pre", w), ("attn_pool.ln_q", D), ("attn_pool.ln_kv", D), ("ln_post", D)):
+        s.update({f"transformer.visual.{n}.weight": (d,), f"transformer.visual.{n}.bias": (d,)})
+    for i in range(48):
+        b = f"transformer.visual.transformer.resblocks.{i}."
+        s.update({b + "attn.in_proj.weight": (3 * w, w), b + "attn.in_proj.bias": (3 * w,),
+                  b + "attn.out_proj.weight": (w, w), b + "mlp.c_fc.weight": (8192, w), b + "mlp.c_fc.bias": (8192,),
+                  b + "mlp.c_proj.weight": (w, 8192)})
+        s.update({b + n: (w,) for n in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "attn.out_proj.bias",
+                                         "mlp.c_proj.bias")})
+    for i in range(32):
+        b = f"transformer.h.{i}."
+        s.update({b + "ln_1.weight": (D,), b + "ln_2.weight": (D,), b + "attn.c_attn.weight": (3 * D, D),
+                  b + "attn.c_attn.bias": (3 * D,), b + "attn.c_proj.weight": (D, D), b + "mlp.w1.weight": (mlp, D),
+                  b + "mlp.w2.weight": (mlp, D), b + "mlp.c_proj.weight": (D, mlp)})
+    return s
+
+
+def _uform_released_shapes():
+    """uform-gen2-qwen-500m: uform's ImageEncoder names, nn.TransformerDecoderLayer under image_pooler.pooler.,
+    transformers' Qwen2ForCausalLM (Qwen1.5-0.5B) under text_decoder."""
+    w = 1280
+    s = {"image_encoder.patch_embed.weight": (w, 3, 14, 14), "image_encoder.patch_embed.bias": (w,),
+         "image_encoder.pos_embed": (1, 576, w), "image_encoder.cls_token": (1, 1, w),
+         "image_encoder.norm.weight": (w,), "image_encoder.norm.bias": (w,), "image_pooler.image_latents": (1, 256, w),
+         "image_pooler.projection.weight": (1024, w), "image_pooler.projection.bias": (1024,)}
+    for i in range(32):
+        b = f"image_encoder.blocks.{i}."
+        s.update({b + f"attn.{n}.weight": (w, w) for n in ("query", "key", "value", "out")})
+        s.update({b + n: (w,) for n in ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "ls1.gamma",
+                                         "ls2.gamma", "attn.query.bias", "attn.key.bias", "attn.value.bias",
+                                         "attn.out.bias", "mlp.output_layer.bias")})
+        s.update({b + "mlp.hidden_layer.weight": (4 * w, w), b + "mlp.hidden_layer.bias": (4 * w,),
+                  b + "mlp.output_layer.weight": (w, 4 * w)})
+    with torch.device("meta"):
+        pooler = nn.TransformerDecoderLayer(w, 16, 3200, batch_first=True, norm_first=True)
+        lm = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+            vocab_size=151936, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
+            num_key_value_heads=16, rope_theta=1e6, tie_word_embeddings=True))
+    s.update({"image_pooler.pooler." + k: tuple(v.shape) for k, v in pooler.state_dict().items()})
+    s.update({"text_decoder." + k: tuple(v.shape) for k, v in lm.state_dict().items()})
+    return s
+
+
+@pytest.mark.parametrize("family,total", [("qwen", (9.5, 9.7)), ("vlm", (1.0, 1.3))])
+def test_released_architectures_map_key_for_key(family, total):
+    with torch.device("meta"):
+        ours = backbones.QwenFamilyVLM({"model_type": family, "text_config": {"tie_word_embeddings": True}})
+    shapes = _qwen_vl_released_shapes() if family == "qwen" else _uform_released_shapes()
+    params, used = dict(ours.named_parameters()), set()
+    for key, shape in shapes.items():
+        for name, _, n, *_ in ours.key_to_ours(key):
+            if backbones._unused_checkpoint_key(ours, name):
+                continue
+            assert name in params, f"{key} -> {name} has no parameter"
+            assert (n * params[name].shape[0], *params[name].shape[1:]) == tuple(shape), key
+            used.add(name)
+    assert used == set(params)
+    billions = sum(p.numel() for p in params.values()) / 1e9
+    print(f"\n{family}: {billions:.3f} B parameters")
+    assert total[0] < billions < total[1]

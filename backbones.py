@@ -52,6 +52,7 @@ It is CPU-fast (about 1.05M parameters at the defaults) and exists so the whole 
 minutes; it has no pretrained knowledge.
 """
 
+import base64
 import io
 import json
 import math
@@ -1438,9 +1439,7 @@ def load_openflamingo_tokenizer(path, cfg):
 #   class token added after the positions, no pre-LN) -> a norm-first nn.TransformerDecoderLayer pooling the 577
 #   tokens into 256 latents -> Linear to the LM width -> Qwen1.5-0.5B (Qwen2: RoPE 1e6, tied embeddings).
 #   Tokenizer: Qwen1.5's tokenizer.json, copied into the folder (the UForm repo ships none).
-# Reference: ../shared notes in docs/backbones.md; parity tests in tests/test_backbones_qwen.py.
-
-import base64  # noqa: E402  (only this section reads base64 rank files)
+# More in docs/backbones.md ("Qwen-VL and UForm-Gen2"); parity tests in tests/test_backbones_qwen.py.
 
 _QWEN_7B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_attention_heads=32,
                 num_hidden_layers=32, kv_channels=128, layer_norm_epsilon=1e-6, rotary_emb_base=10000.0,
@@ -1665,7 +1664,7 @@ class QwenFamilyVLM(PretrainedVLM):
             attn.head_dim
 
     def prompt(self, instruction):
-        return instruction  # RoboVLMs feeds both the raw instruction (UForm's "<image> " is replaced by the images)
+        return instruction  # RoboVLMs: the raw instruction (for UForm "<image> " first, where it puts the images)
 
     def _encode_family(self, x):
         return self.projector(self.vision(x))  # Qwen-VL: projector is the identity (the adapter is in vision)

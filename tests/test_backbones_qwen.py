@@ -81,7 +81,7 @@ def test_tiktoken_reader_matches_tokenizers(bpe, tmp_path):
     ours = backbones.QwenTiktoken(str(d / "qwen.tiktoken"))
     assert ours.vocab_size == n + len(QWEN_SPECIALS) and ours.bos_id is None
     assert ours.eos_id == ours.pad_id == n and ours.added["<img>"] == n + QWEN_SPECIALS.index("<img>")
-    for text in TEXTS:
+    for text in TEXTS + random_texts(200):
         expected = ref.encode(text, add_special_tokens=False).ids
         assert ours.encode(text) == expected, text
         plain = text.replace("<|endoftext|>", "").replace("<img>", "").replace("</img>", "")
@@ -95,6 +95,25 @@ def test_tiktoken_reader_matches_tokenizers(bpe, tmp_path):
     (tmp_path / "gap.tiktoken").write_bytes(b"IQ== 0\nIg== 2\n")
     with pytest.raises(ValueError, match=r"ranks must be 0\.\.1"):
         backbones.QwenTiktoken(str(tmp_path / "gap.tiktoken"))
+
+
+def random_texts(n, seed=0):
+    import random
+    rng = random.Random(seed)
+    chars = list("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJ0123456789.,;:!?'\"-\n\r\t") + list("éüñßçø東京タワー🤖—")
+    return ["".join(rng.choice(chars) for _ in range(rng.randint(1, 60))) for _ in range(n)]
+
+
+def test_tiktoken_reader_matches_tiktoken(bpe):
+    """The same rank file through OpenAI's tiktoken (Qwen's own tokenizer code wraps it)."""
+    tiktoken = pytest.importorskip("tiktoken", reason="tiktoken (requirements-dev.txt) is the oracle of QwenTiktoken")
+    import unicodedata
+    _, d, n = bpe
+    ours = backbones.QwenTiktoken(str(d / "qwen.tiktoken"))
+    enc = tiktoken.Encoding("qwen-test", pat_str=backbones._QWEN_PAT, mergeable_ranks=ours.ranks,
+                            special_tokens={s: n + i for i, s in enumerate(QWEN_SPECIALS)})
+    for text in TEXTS + random_texts(500):  # Qwen's tokenizer NFC-normalizes, then encodes with all specials allowed
+        assert ours.encode(text) == enc.encode(unicodedata.normalize("NFC", text), allowed_special="all"), text
 
 
 # ---- helpers ----

@@ -35,7 +35,8 @@ LINES = ["open the drawer", "Pick up the red block and place it in the drawer.",
          "Ünïcödé façade — naïve café, 東京 タワー, emoji 🤖\n\nnew line\ttab  spaces   ",
          "I'll've they're we'd"]
 TEXTS = LINES + ["  leading spaces", "trailing\n", "a\r\nb", "x<|endoftext|>y<img>z</img>", "3.14159 + 2e10",
-                 "don't DON'T", "\u0041\u030a ring (NFC: \u00c5)", "   ", "unseen wordsxyz qqq"]
+                 "don't DON'T", "\u0041\u030a ring (NFC: \u00c5)", "   ", "unseen wordsxyz qqq",
+                 "balll belll seee dooor thethethe", "a\n\n\nb"]  # equal-rank pairs ("\n\n"): the leftmost merges
 QWEN_SPECIALS = backbones.QWEN_VL_SPECIAL_TOKENS
 
 

@@ -44,7 +44,8 @@ and these methods:
       how VLAConfig's train_vision / train_language / train_embeddings flags freeze parts.
 
 Families: `tiny` (first section below), the pretrained Kosmos-2 / PaliGemma / LLaVA-1.5 families (section
-"pretrained families") and OpenFlamingo (Flamingo-style; its MPT LM and checkpoint layout close the file).
+"pretrained families"), OpenFlamingo (Flamingo-style; its MPT LM and checkpoint layout follow), then Qwen-VL and
+UForm-Gen2 (section "Qwen-VL and UForm", closing the file).
 `tiny` is a small decoder-only VLM with random initialization
 (ViT image encoder -> 2x2 patch-merge MLP projector -> causal transformer LM with RoPE, tied LM head, KV cache)
 and a byte-fallback BPE sentencepiece tokenizer trained on the fly from a built-in robot-instruction corpus.
@@ -52,6 +53,7 @@ It is CPU-fast (about 1.05M parameters at the defaults) and exists so the whole 
 minutes; it has no pretrained knowledge.
 """
 
+import base64
 import io
 import json
 import math
@@ -331,7 +333,8 @@ def build_backbone(name, image_size=None, tokenizer_path=None, **kwargs):
     if name == "tiny-flamingo":
         return tiny_flamingo(image_size or 64, tokenizer_path, **kwargs)
     raise ValueError(f"unknown backbone {name!r}; available: 'tiny', 'tiny-flamingo', {sorted(TINY_FAMILIES)} or "
-                     f"the path of a model folder (Kosmos-2, PaliGemma, LLaVA-1.5, converted OpenFlamingo)")
+                     f"the path of a model folder (Kosmos-2, PaliGemma, LLaVA-1.5, converted OpenFlamingo, "
+                     f"Qwen-VL, UForm-Gen2)")
 
 
 # ---- pretrained families ----
@@ -715,8 +718,8 @@ class PretrainedVLM(nn.Module):
             self.tokenizer_filename = "tokenizer.model"
         else:
             raise ValueError(f"unknown model_type {self.family!r} in config.json: supported are 'kosmos-2', "
-                             f"'paligemma', 'llava', 'moondream1' and 'openflamingo' (a converted OpenFlamingo "
-                             f"folder, see docs/backbones.md); Qwen-VL, UForm are not implemented")
+                             f"'paligemma', 'llava', 'moondream1', 'qwen' (Qwen-VL), 'vlm' (UForm-Gen2) and "
+                             f"'openflamingo' (a converted OpenFlamingo folder, see docs/backbones.md)")
         self.image_size, self.image_mean, self.image_std = v["image_size"], tuple(mean), tuple(std)
         attn = self.lm.layers[0].attn
         self.hidden_size, self.vocab_size = self.lm.embed_tokens.weight.shape[1], t["vocab_size"]
@@ -937,8 +940,9 @@ def load_vlm(path, dtype=torch.float32, device="cpu", weights=True):
     files = checkpoint_files(path) if weights else {}
     flamingo, moondream = cfg.get("model_type") == "openflamingo", cfg.get("model_type") == "moondream1"
     with torch.device("meta"):
-        vlm = openflamingo_from_config(cfg) if flamingo else MoondreamVLM(cfg) if moondream else PretrainedVLM(cfg)
+        vlm = openflamingo_from_config(cfg) if flamingo else _family_class(cfg)(cfg)
     vlm = vlm.to(dtype).to_empty(device=device)
+    key_map = getattr(vlm, "key_to_ours", None)  # families with their own key table (Qwen-VL, UForm)
     vlm.lm.tie_weights()
     params, loaded, unexpected = dict(vlm.named_parameters()), set(), []
     for fn in sorted(set(files.values())):
@@ -946,7 +950,7 @@ def load_vlm(path, dtype=torch.float32, device="cpu", weights=True):
         with open(fn, "rb") as f:
             for key in (k for k, v in files.items() if v == fn):
                 targets = openflamingo_key_to_ours(key) if flamingo else moondream_key_to_ours(key) if moondream \
-                    else [(checkpoint_key_to_ours(key), 0, 1)]
+                    else key_map(key) if key_map else [(checkpoint_key_to_ours(key), 0, 1)]
                 targets = [t for t in targets if not _unused_checkpoint_key(vlm, t[0])]  # (ours, chunk, n_chunks)
                 if not targets:
                     continue
@@ -968,9 +972,9 @@ def load_vlm(path, dtype=torch.float32, device="cpu", weights=True):
                         buf = torch.empty(expected, dtype=header[key][0])
                         _read_into(f, header[key], buf)
                         neox = key.endswith(("query_key_value.weight", "query_key_value.bias"))
-                        heads = vlm.lm.n_heads if neox else None
+                        heads = targets[0][3] if len(targets[0]) > 3 else vlm.lm.n_heads if neox else None
                         parts = buf.chunk(n) if heads is None else buf.view(heads, n, -1, *expected[1:]).unbind(1)
-                        for (ours, _, _), part in zip(targets, parts):  # NeoX: rows ordered (head, q/k/v, dim)
+                        for (ours, *_), part in zip(targets, parts):  # NeoX: rows ordered (head, q/k/v, dim)
                             params[ours].data.copy_(part.reshape(params[ours].shape))
                 loaded.update(t[0] for t in targets)
     if unexpected:
@@ -986,7 +990,8 @@ def load_vlm(path, dtype=torch.float32, device="cpu", weights=True):
             pc = json.load(f)
         vlm.image_mean = tuple(pc.get("image_mean", vlm.image_mean))
         vlm.image_std = tuple(pc.get("image_std", vlm.image_std))
-    tok = load_openflamingo_tokenizer(path, cfg) if flamingo or moondream else load_family_tokenizer(path, vlm.family)
+    tok = load_openflamingo_tokenizer(path, cfg) if flamingo or moondream else vlm.load_tokenizer(path) if key_map \
+        else load_family_tokenizer(path, vlm.family)
     vlm.tokenizer = tok
     if vlm.family == "kosmos-2" and tok is not None and {"<image>", "</image>"} <= set(tok.added):
         vlm.image_boundary = (tok.added["<image>"], tok.added["</image>"])
@@ -1067,13 +1072,20 @@ def load_family_tokenizer(path, family):
 # ---- tiny random presets of each family (CPU demos and tests; no pretrained knowledge) ----
 
 TINY_FAMILIES = {"tiny-kosmos2": "kosmos-2", "tiny-paligemma": "paligemma", "tiny-llava": "llava",
-                 "tiny-moondream": "moondream1"}
+                 "tiny-moondream": "moondream1", "tiny-qwen-vl": "qwen", "tiny-uform": "vlm"}
+
+
+def _family_class(cfg):  # the class that builds a config's model_type (MoonDream, Qwen-VL, UForm: own sections)
+    kind = cfg.get("model_type")
+    return QwenFamilyVLM if kind in QwenFamilyVLM.TYPES else MoondreamVLM if kind == "moondream1" else PretrainedVLM
 
 
 def tiny_family_config(family, image_size=64, vocab_size=778, patch=16):
     """A Hugging Face style config dict of `family` at toy size (the real architecture, ~1-2M parameters)."""
     if image_size % patch:
         raise ValueError(f"image_size {image_size} must be a multiple of the tiny towers' patch size {patch}")
+    if family in QwenFamilyVLM.TYPES:
+        return tiny_qwen_config(family, image_size, vocab_size, patch)
     vis = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, patch_size=patch,
                image_size=image_size)
     if family == "kosmos-2":
@@ -1100,7 +1112,7 @@ def build_pretrained_family(name, image_size=None, tokenizer_path=None, dtype=to
         return vlm.add_resampler(resampler) if resampler else vlm
     tok = SentencePieceTokenizer.load(tokenizer_path) if tokenizer_path else SentencePieceTokenizer.train_tiny()
     cfg = tiny_family_config(TINY_FAMILIES[name], image_size or 64, tok.vocab_size + 256 + 10)
-    vlm = (MoondreamVLM if cfg["model_type"] == "moondream1" else PretrainedVLM)(cfg)
+    vlm = _family_class(cfg)(cfg)
     for m in vlm.modules():
         if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
             nn.init.normal_(m.weight, std=0.02)
@@ -1572,3 +1584,399 @@ def load_openflamingo_tokenizer(path, cfg):
     if not os.path.isfile(fn):
         return None
     return JsonTokenizer(fn) if fn.endswith(".json") else load_family_tokenizer(path, "llama")
+
+
+# ---- Qwen-VL and UForm ----
+# Two decoder-only families whose language models are Qwen's, read from their released folders (no remote code):
+# - Qwen-VL (Qwen/Qwen-VL, model_type "qwen"): OpenCLIP ViT-bigG/14 at 448 px (no class token, a 16x16 position
+#   table resized bicubically to the 32x32 patch grid) -> one cross-attention layer from 256 learned queries
+#   (2-D sin-cos positions on queries and keys) -> ln_post, x @ proj -> Qwen-7B (RMSNorm, RoPE 1e4, SwiGLU with
+#   `w2` as the gate, biases on the fused c_attn only). 256 image tokens, wrapped in the <img> </img> embeddings
+#   as RoboVLMs does (258). Tokenizer: the tiktoken file qwen.tiktoken (QwenTiktoken below). The official folder
+#   holds pickle .bin shards: convert once with `python backbones.py convert-qwen-vl SRC DST`.
+# - UForm-Gen2 (unum-cloud/uform-gen2-qwen-500m, model_type "vlm"): ViT-H/14-like tower at 336 px (LayerScale, the
+#   class token added after the positions, no pre-LN) -> a norm-first nn.TransformerDecoderLayer pooling the 577
+#   tokens into 256 latents -> Linear to the LM width -> Qwen1.5-0.5B (Qwen2: RoPE 1e6, tied embeddings).
+#   Tokenizer: Qwen1.5's tokenizer.json, copied into the folder (the UForm repo ships none).
+# More in docs/backbones.md ("Qwen-VL and UForm-Gen2"); parity tests in tests/test_backbones_qwen.py.
+
+_QWEN_7B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_attention_heads=32,
+                num_hidden_layers=32, kv_channels=128, layer_norm_epsilon=1e-6, rotary_emb_base=10000.0,
+                rotary_pct=1.0, tie_word_embeddings=False)
+_QWEN_VL_VISUAL = dict(width=1664, layers=48, heads=16, mlp_ratio=4.9231, patch_size=14, image_size=448,
+                       output_dim=4096, n_queries=256, image_start_id=151857)
+_QWEN15_05B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                   num_attention_heads=16, num_key_value_heads=16, rms_norm_eps=1e-6, rope_theta=1e6,
+                   tie_word_embeddings=True, hidden_act="silu", use_sliding_window=False)
+_UFORM_GEN2 = dict(image_encoder_hidden_size=1280, image_encoder_num_layers=32, image_encoder_num_heads=16,
+                   image_encoder_patch_size=14, image_size=336, image_pooler_num_attn_heads=16,
+                   image_pooler_intermediate_size=3200, num_image_latents=256)
+
+
+def qwen_decoder(vocab, d, layers, heads, mlp_dim, eps, rope_theta, n_kv=None, tie=False):
+    """Qwen-7B and Qwen2 (Qwen1.5): LLaMA-style blocks whose q/k/v projections have biases and nothing else has."""
+    lm = DecoderLM(vocab, d, layers, heads, mlp_dim, "silu", "rms", eps, n_kv or heads, d // heads, bias=True,
+                   gated=True, rope_theta=rope_theta, tie=tie)
+    for blk in lm.layers:
+        for lin in (blk.attn.o_proj, blk.mlp.gate, blk.mlp.fc1, blk.mlp.fc2):
+            lin.register_parameter("bias", None)
+    return lm
+
+
+def sincos_2d(d, grid):
+    """MAE's fixed 2-D sin-cos table (grid * grid, d) for row-major patches p = row * grid + col: the first d/2
+    channels encode the column, the last d/2 the row, each as [sin | cos] of pos / 10000^(k / (d/4))."""
+    omega = 1.0 / 10000 ** (torch.arange(d // 4, dtype=torch.float64) / (d / 4))  # (d/4,)
+    axis = torch.arange(grid, dtype=torch.float64)
+    col, row = axis.repeat(grid), axis.repeat_interleave(grid)  # (grid * grid,)
+    emb = [torch.cat([(p[:, None] * omega).sin(), (p[:, None] * omega).cos()], 1) for p in (col, row)]
+    return torch.cat(emb, 1).float()
+
+
+def resize_positions(table, n):
+    """A square position table (g * g, C) -> (n, C) for a sqrt(n) grid: bicubic, align_corners=False, in fp32
+    (Qwen-VL's get_abs_pos). Unchanged when the grids already agree."""
+    src, tgt = math.isqrt(table.shape[0]), math.isqrt(n)
+    if src == tgt:
+        return table
+    t = table.float().reshape(1, src, src, -1).permute(0, 3, 1, 2)
+    t = F.interpolate(t, size=(tgt, tgt), mode="bicubic", align_corners=False)
+    return t.permute(0, 2, 3, 1).reshape(n, -1).to(table.dtype)
+
+
+def _check_pixels(x, size):
+    if x.dim() != 4 or tuple(x.shape[1:]) != (3, size, size):
+        raise ValueError(f"vision tower expects images (N, 3, {size}, {size}), got {tuple(x.shape)}: resize with "
+                         f"data.resize_images(..., {size})")
+
+
+class QwenAdapter(nn.Module):
+    """Qwen-VL's `attn_pool`: one nn.MultiheadAttention (its in_proj split into q/k/v when loading) from
+    ln_q(query) + pos to keys ln_kv(kv_proj x) + pos resized to the patch grid and values ln_kv(kv_proj x) (no
+    position): (N, P, w) -> (N, Q, D). pos is the fixed sin-cos table, recomputed (the checkpoint's copy is unused)."""
+
+    def __init__(self, width, d, heads, n_queries, eps=1e-6):
+        super().__init__()
+        self.grid = math.isqrt(n_queries)
+        self.query = nn.Parameter(torch.randn(n_queries, d) * 0.02)
+        self.kv_proj = nn.Linear(width, d, bias=False)
+        self.attn = Attention(d, heads)
+        self.ln_q, self.ln_kv = nn.LayerNorm(d, eps=eps), nn.LayerNorm(d, eps=eps)
+
+    def forward(self, x):
+        N, P, _ = x.shape
+        kv = self.ln_kv(self.kv_proj(x))  # (N, P, D)
+        pos = sincos_2d(kv.shape[-1], self.grid).to(kv.device, kv.dtype)  # (Q, D)
+        a = self.attn
+        q = a.q_proj(self.ln_q(self.query) + pos).expand(N, -1, -1)  # (N, Q, D)
+        k, v = a.k_proj(kv + resize_positions(pos, P)), a.v_proj(kv)  # (N, P, D)
+        q, k, v = (t.reshape(N, t.shape[1], a.n_heads, a.head_dim).transpose(1, 2) for t in (q, k, v))
+        return a.o_proj(attend(q, k, v).transpose(1, 2).reshape(N, q.shape[2], -1))
+
+
+class QwenVisual(nn.Module):
+    """Qwen-VL's `transformer.visual`: (N, 3, S, S) -> (N, n_queries, output_dim). Bias-free patch conv, no class
+    token, ln_pre, pre-LN blocks (exact GELU, LN eps 1e-6), the adapter, ln_post, x @ proj (stored (in, out))."""
+
+    def __init__(self, width, layers, heads, mlp_ratio, patch_size, image_size, output_dim, n_queries, **_):
+        super().__init__()
+        self.image_size = image_size
+        self.conv1 = nn.Conv2d(3, width, patch_size, stride=patch_size, bias=False)
+        self.positional_embedding = nn.Parameter(torch.randn(n_queries, width) * width ** -0.5)  # 16 x 16 grid
+        self.ln_pre = nn.LayerNorm(width, eps=1e-6)
+        self.layers = nn.ModuleList(FamilyBlock(width, heads, int(width * mlp_ratio), "gelu", "ln", 1e-6)
+                                    for _ in range(layers))
+        self.attn_pool = QwenAdapter(width, output_dim, max(output_dim // 128, 1), n_queries)  # 4096 -> 32 heads
+        self.ln_post = nn.LayerNorm(output_dim, eps=1e-6)
+        self.proj = nn.Parameter(torch.randn(output_dim, output_dim) * output_dim ** -0.5)
+
+    def forward(self, x):
+        _check_pixels(x, self.image_size)
+        h = self.conv1(x.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)  # (N, P, w), P = 32 x 32
+        h = self.ln_pre(h + resize_positions(self.positional_embedding, h.shape[1]))
+        for blk in self.layers:
+            h, _ = blk(h)
+        return self.ln_post(self.attn_pool(h)) @ self.proj  # (N, Q, D)
+
+
+class LayerScaleBlock(FamilyBlock):
+    """FamilyBlock with LayerScale (CaiT): x + ls1 * attn(norm1 x), then x + ls2 * mlp(norm2 x) (UForm's ViT)."""
+
+    def __init__(self, d, heads, mlp_dim, act, eps):
+        super().__init__(d, heads, mlp_dim, act, "ln", eps)
+        self.ls1, self.ls2 = nn.Parameter(torch.ones(d)), nn.Parameter(torch.ones(d))
+
+    def forward(self, x, rope=None, cache=None, mask=None, causal=False):
+        h, cache = self.attn(self.norm1(x), rope, cache, mask, causal)
+        x = x + self.ls1 * h
+        return x + self.ls2 * self.mlp(self.norm2(x)), cache
+
+
+class UFormViT(nn.Module):
+    """UForm's image encoder (forward_features): patch conv with bias, + pos_embed, then the class token prepended
+    (it gets no position), LayerScale blocks (exact GELU, eps 1e-6), final norm: (N, 3, S, S) -> (N, 1 + P, w)."""
+
+    def __init__(self, width, layers, heads, patch, image_size):
+        super().__init__()
+        self.image_size = image_size
+        self.patch_embed = nn.Conv2d(3, width, patch, stride=patch)
+        self.pos_embed = nn.Parameter(torch.randn(1, (image_size // patch) ** 2, width) * 0.02)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.layers = nn.ModuleList(LayerScaleBlock(width, heads, 4 * width, "gelu", 1e-6) for _ in range(layers))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+
+    def forward(self, x):
+        _check_pixels(x, self.image_size)
+        h = self.patch_embed(x.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2) + self.pos_embed
+        h = torch.cat([self.cls_token.expand(len(h), -1, -1), h], 1)
+        for blk in self.layers:
+            h, _ = blk(h)
+        return self.norm(h)
+
+
+class UFormPooler(nn.Module):
+    """UForm-Gen2's image pooler: nn.TransformerDecoderLayer(norm_first=True, activation=silu) with the learned
+    `image_latents` as target and the ViT tokens as memory, then `projection` to the LM width (pool, then project):
+    (N, 1 + P, w) -> (N, n_latents, d). Dropout (0.1 in the official layer) is not applied."""
+
+    def __init__(self, width, d, heads, mlp_dim, n_latents):
+        super().__init__()
+        self.image_latents = nn.Parameter(torch.randn(1, n_latents, width) * 0.02)
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(width) for _ in range(3))
+        self.self_attn, self.cross_attn = Attention(width, heads), Attention(width, heads)
+        self.mlp = FeedForward(width, mlp_dim, "silu")
+        self.projection = nn.Linear(width, d)
+
+    def forward(self, feats):
+        x = self.image_latents.to(feats.dtype).expand(len(feats), -1, -1)
+        x = x + self.self_attn(self.norm1(x))[0]
+        x = x + self.cross_attn(self.norm2(x), kv=feats)[0]  # the memory is not normalized (norm_first layer)
+        return self.projection(x + self.mlp(self.norm3(x)))
+
+
+# Checkpoint names -> ours. "{qkv}": a fused [Q; K; V] projection split in three; "{qkv/head}": Qwen-VL's ViT
+# in_proj, rows per head [q_h; k_h; v_h] (Megatron layout); "" = unused (recomputed rotary / sin-cos tables).
+_QWEN_RENAMES = [
+    (r".*\.rotary_emb\.inv_freq$|^transformer\.visual\.attn_pool\.pos_embed$|^image_encoder\.embedding_projection\..*",
+     ""),
+    (r"^transformer\.visual\.transformer\.resblocks\.", "vision.layers."), (r"^transformer\.visual\.", "vision."),
+    (r"^transformer\.h\.", "lm.layers."), (r"^transformer\.wte\.", "lm.embed_tokens."),
+    (r"^transformer\.ln_f\.", "lm.norm."), (r"^lm_head\.", "lm.lm_head."),
+    (r"\.ln_1\.", ".norm1."), (r"\.ln_2\.", ".norm2."), (r"\.mlp\.(c_fc|w1|hidden_layer)\.", ".mlp.fc1."),
+    (r"\.mlp\.w2\.", ".mlp.gate."), (r"\.mlp\.(c_proj|output_layer)\.", ".mlp.fc2."),
+    (r"\.attn\.(c_proj|out_proj|out)\.", ".attn.o_proj."),
+    (r"\.attn\.(c_attn\.|in_proj_)(weight|bias)$", r".attn.{qkv}_proj.\2"),
+    (r"\.attn\.in_proj\.(weight|bias)$", r".attn.{qkv/head}_proj.\1"),
+    # UForm
+    (r"^image_encoder\.blocks\.", "vision.layers."), (r"^image_encoder\.", "vision."),
+    (r"\.attn\.(query|key|value)\.", lambda m: f".attn.{m.group(1)[0]}_proj."), (r"\.(ls[12])\.(gamma|weight)$", r".\1"),
+    (r"^image_pooler\.pooler\.multihead_attn\.", "projector.cross_attn."), (r"^image_pooler\.pooler\.", "projector."),
+    (r"^image_pooler\.", "projector."), (r"^(projector\.\w+)\.in_proj_(weight|bias)$", r"\1.{qkv}_proj.\2"),
+    (r"^(projector\.\w+)\.out_proj\.", r"\1.o_proj."),
+    (r"^projector\.linear([12])\.", r"projector.mlp.fc\1."), (r"^text_decoder\.", "language_model."),
+]
+
+
+class QwenFamilyVLM(PretrainedVLM):
+    """Qwen-VL ("qwen") or UForm-Gen2 ("vlm") behind the backbone interface; everything after construction
+    (encode_images, forward, the resampler option, trainable_groups) is PretrainedVLM's."""
+
+    TYPES = ("qwen", "vlm")
+
+    def __init__(self, cfg):
+        nn.Module.__init__(self)  # PretrainedVLM.__init__ builds the other families
+        self.family, self.config, self.tokenizer, self.resampler = cfg.get("model_type"), cfg, None, None
+        self.image_token_id, self.pad_token_id, self.image_mean, self.image_std = None, None, CLIP_MEAN, CLIP_STD
+        if self.family == "qwen":
+            c, v = {**_QWEN_7B, **cfg}, {**_QWEN_VL_VISUAL, **(cfg.get("visual") or {})}
+            if c["rotary_pct"] != 1.0 or c["hidden_size"] != c["num_attention_heads"] * c["kv_channels"]:
+                raise ValueError(f"Qwen with rotary_pct={c['rotary_pct']}, kv_channels={c['kv_channels']} is not "
+                                 f"supported: Qwen-VL rotates full heads of hidden_size / num_attention_heads")
+            self.vision, self.projector = QwenVisual(**v), nn.Identity()
+            self.lm = qwen_decoder(c["vocab_size"], c["hidden_size"], c["num_hidden_layers"],
+                                   c["num_attention_heads"], c["intermediate_size"] // 2, c["layer_norm_epsilon"],
+                                   c["rotary_emb_base"], tie=c["tie_word_embeddings"])
+            self.image_boundary = (v["image_start_id"], v["image_start_id"] + 1)  # <img>, </img> (RoboVLMs)
+            self.image_size, self.n_image_tokens, self.tokenizer_filename = v["image_size"], v["n_queries"] + 2, \
+                "qwen.tiktoken"
+        elif self.family == "vlm":
+            c, t = {**_UFORM_GEN2, **cfg}, {**_QWEN15_05B, **(cfg.get("text_config") or {})}
+            if t["use_sliding_window"] or t.get("rope_scaling") or t["hidden_act"] != "silu":
+                raise ValueError("UForm's Qwen2 decoder with sliding-window attention, rope_scaling or a non-SiLU MLP "
+                                 "is not supported (Qwen1.5-0.5B uses none of them)")
+            w = c["image_encoder_hidden_size"]
+            self.vision = UFormViT(w, c["image_encoder_num_layers"], c["image_encoder_num_heads"],
+                                   c["image_encoder_patch_size"], c["image_size"])
+            self.projector = UFormPooler(w, t["hidden_size"], c["image_pooler_num_attn_heads"],
+                                         c["image_pooler_intermediate_size"], c["num_image_latents"])
+            self.lm = qwen_decoder(t["vocab_size"], t["hidden_size"], t["num_hidden_layers"],
+                                   t["num_attention_heads"], t["intermediate_size"], t["rms_norm_eps"],
+                                   t["rope_theta"], t["num_key_value_heads"], t["tie_word_embeddings"])
+            self.image_boundary, self.image_size, self.n_image_tokens = None, c["image_size"], c["num_image_latents"]
+            self.tie_stated = "tie_word_embeddings" in (cfg.get("text_config") or {})
+            self.tokenizer_filename = "tokenizer.json"
+        else:
+            raise ValueError(f"model_type {self.family!r} is not a Qwen family: expected one of {self.TYPES}")
+        attn = self.lm.layers[0].attn
+        self.hidden_size, self.vocab_size = self.lm.embed_tokens.weight.shape[1], self.lm.embed_tokens.weight.shape[0]
+        self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim = len(self.lm.layers), attn.n_heads, attn.n_kv, \
+            attn.head_dim
+
+    def prompt(self, instruction):
+        return instruction  # RoboVLMs: the raw instruction (for UForm "<image> " first, where it puts the images)
+
+    def _encode_family(self, x):
+        return self.projector(self.vision(x))  # Qwen-VL: projector is the identity (the adapter is in vision)
+
+    def key_to_ours(self, key):
+        """Checkpoint key -> [(our parameter, chunk, n_chunks[, heads of a per-head layout])], [] if unused."""
+        if key == "text_decoder.lm_head.weight" and not self.tie_stated:
+            raise ValueError("the checkpoint stores text_decoder.lm_head.weight but config.json does not say whether "
+                             "the LM head is tied (Qwen1.5-0.5B ties it to the embeddings): add \"text_config\": "
+                             "{\"tie_word_embeddings\": false} to use the stored head (true ignores it)")
+        for pattern, repl in _QWEN_RENAMES:
+            key = re.sub(pattern, repl, key)
+        if key.startswith("language_model."):
+            key = checkpoint_key_to_ours(key)
+        if "{qkv/head}" in key:
+            heads = self.vision.layers[0].attn.n_heads
+            return [(key.replace("{qkv/head}", c), i, 3, heads) for i, c in enumerate("qkv")]
+        return [(key.replace("{qkv}", c), i, 3) for i, c in enumerate("qkv")] if "{qkv}" in key else \
+            [(key, 0, 1)] if key else []
+
+    def load_tokenizer(self, path):
+        fn = os.path.join(path, self.tokenizer_filename)
+        if not os.path.isfile(fn):
+            hint = "the qwen.tiktoken of Qwen/Qwen-VL" if self.family == "qwen" else \
+                "tokenizer.json (+ tokenizer_config.json) of Qwen/Qwen1.5-0.5B-Chat (the UForm repo has none)"
+            raise FileNotFoundError(f"{fn} not found: copy {hint} into {path}")
+        if self.family == "qwen":
+            return QwenTiktoken(fn)
+        tok = JsonTokenizer(fn)
+        tok.bos_id = None  # Qwen2's tokenizer adds no BOS; <|endoftext|> is EOS and padding
+        return tok
+
+
+# Qwen's tiktoken pre-tokenizer (tokenization_qwen.py PAT_STR; single digits) and Qwen-VL's special tokens, numbered
+# after the mergeable ranks (151643 ...): <|endoftext|> <|im_start|> <|im_end|> <|extra_0..204|> <ref> ... <imgpad>.
+_QWEN_PAT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
+             r"""\s+(?!\S)|\s+""")
+QWEN_VL_SPECIAL_TOKENS = (["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]
+                          + ["<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<img>", "</img>", "<imgpad>"])
+
+
+class QwenTiktoken:
+    """Reader of a tiktoken BPE file (qwen.tiktoken: one `base64(token bytes) rank` per line) behind the tokenizer
+    interface: NFC-normalize, split out special tokens, pre-tokenize with Qwen's regex (the `regex` package, an
+    open_clip dependency, for \\p{L}/\\p{N}), then per piece byte-level BPE: repeatedly merge the adjacent pair whose
+    concatenation has the lowest rank (tiktoken's rule). No BOS; <|endoftext|> is EOS and padding."""
+
+    def __init__(self, fn, specials=QWEN_VL_SPECIAL_TOKENS):
+        import regex
+        ranks = {}
+        with open(fn, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    tok, rank = line.split()
+                    ranks[base64.b64decode(tok, validate=True)] = int(rank)
+                except ValueError:
+                    raise ValueError(f"{fn} line {n}: expected '<base64 token> <rank>' (a tiktoken BPE file such as "
+                                     f"Qwen-VL's qwen.tiktoken), found {line[:60]!r}") from None
+        if sorted(ranks.values()) != list(range(len(ranks))):
+            raise ValueError(f"{fn}: ranks must be 0..{len(ranks) - 1}, each once (the file is damaged)")
+        self.ranks, self.by_id = ranks, {r: b for b, r in ranks.items()}
+        self.added = {s: len(ranks) + i for i, s in enumerate(specials)}
+        self._id_to_added = {i: s for s, i in self.added.items()}
+        self.vocab_size = len(ranks) + len(specials)
+        self.bos_id, self.eos_id = None, self.added.get("<|endoftext|>")
+        self.pad_id, self.special_ids = self.eos_id, set(self._id_to_added)
+        self._pat = regex.compile(_QWEN_PAT)
+        self._split = re.compile("(" + "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) + ")")
+        self._cache = {}
+
+    def _bpe(self, piece):
+        ids = self._cache.get(piece)
+        if ids is None:
+            parts = [piece[i:i + 1] for i in range(len(piece))]
+            while len(parts) > 1:
+                pair_ranks = [self.ranks.get(a + b, math.inf) for a, b in zip(parts, parts[1:])]
+                i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)  # leftmost lowest rank
+                if pair_ranks[i] == math.inf:
+                    break
+                parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            ids = self._cache[piece] = [self.ranks[p] for p in parts]
+        return ids
+
+    def encode(self, text):
+        import unicodedata
+        ids = []
+        for part in self._split.split(unicodedata.normalize("NFC", text)):
+            if part in self.added:
+                ids.append(self.added[part])
+            elif part:
+                for m in self._pat.finditer(part):
+                    ids += self._bpe(m.group().encode("utf-8"))
+        return ids
+
+    def decode(self, ids):
+        out = b"".join(self.by_id[i] for i in (int(i) for i in ids) if i not in self.special_ids)
+        return out.decode("utf-8", errors="replace")  # special tokens skipped, like FamilyTokenizer
+
+    def save(self, path):
+        with open(path, "wb") as f:
+            f.writelines(base64.b64encode(self.by_id[i]) + b" %d\n" % i for i in range(len(self.by_id)))
+
+
+def tiny_qwen_config(family, image_size=64, vocab_size=778, patch=16):
+    """tiny_family_config's Qwen-VL / UForm configs (released layout and names, toy sizes)."""
+    if family == "qwen":  # <img> </img> at the last reserved ids (ActionTokenizer leaves the top 10 free)
+        return dict(model_type="qwen", vocab_size=vocab_size, hidden_size=128, intermediate_size=512,
+                    num_attention_heads=4, num_hidden_layers=4, kv_channels=32,
+                    visual=dict(width=64, layers=2, heads=4, mlp_ratio=2.0, patch_size=patch, image_size=image_size,
+                                output_dim=128, n_queries=4, image_start_id=vocab_size - 10))
+    return dict(model_type="vlm", image_encoder_hidden_size=64, image_encoder_num_layers=2, image_encoder_num_heads=4,
+                image_encoder_patch_size=patch, image_size=image_size, image_pooler_num_attn_heads=4,
+                image_pooler_intermediate_size=128, num_image_latents=8,
+                text_config=dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2))
+
+
+def convert_qwen_vl(src, dst):
+    """One-time conversion of the official Qwen-VL folder (pickle pytorch_model*.bin, bf16) to safetensors shards +
+    model.safetensors.index.json in dst, with its small files (config.json, qwen.tiktoken, ...) copied. Tensors are
+    read with torch.load(weights_only=True): only tensors and plain containers are unpickled, never code."""
+    import shutil
+    from safetensors.torch import save_file
+    index = os.path.join(src, "pytorch_model.bin.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(src, "pytorch_model.bin")):
+        shards = ["pytorch_model.bin"]
+    else:
+        raise FileNotFoundError(f"no pytorch_model.bin.index.json or pytorch_model.bin in {src}: expected the "
+                                f"Qwen/Qwen-VL download")
+    os.makedirs(dst, exist_ok=True)
+    weight_map = {}
+    for fn in shards:
+        sd = torch.load(os.path.join(src, fn), map_location="cpu", weights_only=True, mmap=True)
+        out = fn.replace("pytorch_model", "model").replace(".bin", ".safetensors")
+        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(dst, out), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(sd, out))
+        del sd
+    with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    for name in os.listdir(src):
+        if os.path.isfile(os.path.join(src, name)) and not name.startswith("pytorch_model") \
+                and not name.endswith(".py"):  # the remote code is never run
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    return dst
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) != 4 or sys.argv[1] != "convert-qwen-vl":
+        sys.exit("usage: python backbones.py convert-qwen-vl QWEN_VL_FOLDER OUT_FOLDER   (pickle .bin -> safetensors)")
+    print(convert_qwen_vl(sys.argv[2], sys.argv[3]))

@@ -31,7 +31,8 @@ def main():
     torch.set_num_threads(args.threads)
     print(f"closed loop (default Policy) vs batch recompute, max |difference| of the normalized chunk; "
           f"H={M.H}, L={M.L}, {M.S} px")
-    print(f"{'family':<16}{'cases':>6}{'matrix worst':>14}{f'{args.steps}-step':>12}{'approx':>12}  rollout formulation")
+    print(f"{'family':<16}{'cases':>6}{'matrix worst':>14}{f'{args.steps}-step':>12}{'approx':>12}  "
+          f"rollout formulation")
     for family in M.FAMILIES:
         gaps = []
         for _, form, obj in [c for c in M.CASES if c[0] == family and not M.refusal(*c)]:

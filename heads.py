@@ -272,6 +272,10 @@ class ActionExpert(nn.Module):
 
     objective "regress": L learned query tokens -> Linear -> pose (tanh) + gripper logit per token, eq. (7).
     objective "flow":    tokens = MLP([Linear(x_t), time_emb(t)]) (pi0's action_time_mlp) -> velocity.
+    Chunk slots: every token gets a learned per-slot embedding `slot_pos` (L, w) added before the first layer,
+    on top of whatever the backbone's rope() does. pi0 relies on RoPE alone, but rope() is the identity for
+    absolute-position LMs (Kosmos-2) and ALiBi LMs (MPT): without slot_pos the flow velocity network would be
+    exactly permutation-equivariant over the L slots there, unable to tell step 1 of the chunk from step L.
     """
 
     def __init__(self, backbone, chunk, objective="regress", width=None):
@@ -281,6 +285,7 @@ class ActionExpert(nn.Module):
         self.rope = backbone.rope
         self.layers = nn.ModuleList([ExpertLayer(w, backbone.n_heads, backbone.n_kv_heads, backbone.head_dim)
                                      for _ in range(backbone.n_layers)])
+        self.slot_pos = nn.Parameter(torch.randn(chunk, w) * 0.02)  # (L, w), GPT-2 style init as GPTTrunk.pos
         self.norm = RMSNorm(w)
         self.out = nn.Linear(w, ACTION_DIM)
         if objective == "regress":
@@ -295,7 +300,9 @@ class ActionExpert(nn.Module):
         """tokens (B, L, w), vl_cache = list of n_layers (k, v), positions (B, L) -> (B, L, 7) raw outputs."""
         if len(vl_cache) != len(self.layers):
             raise ValueError(f"expert has {len(self.layers)} layers but the VLM cache has {len(vl_cache)}")
-        x = tokens
+        if tokens.shape[1] != self.chunk:
+            raise ValueError(f"expert was built for chunks of {self.chunk} actions, got {tokens.shape[1]} tokens")
+        x = tokens + self.slot_pos.to(tokens.dtype)  # (B, L, w): which chunk step each token is
         for layer, kv in zip(self.layers, vl_cache):
             x = layer(x, kv, vl_valid, positions, self.rope)
         return self.out(self.norm(x))

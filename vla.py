@@ -632,7 +632,14 @@ class VLA(nn.Module):
     def interleaved_features(self, images, instructions):
         """One causal sequence of H segments per sample (eq. 12-13) -> every [LRN]_t's hidden state (B, H, d)."""
         B, H = images.shape[:2]
-        tok = self.image_tokens(images.flatten(0, 1))
+        tok = self.image_tokens(images.flatten(0, 1))  # (B*H, V*T_img, d)
+        return self.interleaved_from_tokens(tok.view(B, H, *tok.shape[1:]), instructions)
+
+    def interleaved_from_tokens(self, tok, instructions):
+        """interleaved_features from image tokens already encoded, tok (B, H, V*T_img, d). The vision tower sees
+        each frame alone, so tokens encoded one frame at a time (Policy caches them) give the same result."""
+        B, H = tok.shape[:2]
+        tok = tok.flatten(0, 1)  # (B*H, V*T_img, d)
         tails = [self.lrn_tail(instructions[b]) for b in range(B) for _ in range(H)]
         x, valid, is_lrn, _ = self.sequences(tok, tails)  # (B*H, n, d): one segment per row
         n_pre = self.n_prefix(x, tails, [instructions[b] for b in range(B) for _ in range(H)]).view(B, H)[:, 0]
@@ -745,16 +752,22 @@ class VLA(nn.Module):
 
     @torch.no_grad()
     def interleaved_step(self, images, instruction, state):
-        """Streaming interleaved inference: append one segment [BOS][img][text][LRN][EOS] to a KV cache.
+        """APPROXIMATE streaming interleaved inference (Policy(cache="approximate")): append one segment
+        [BOS][img][text][LRN][EOS] to a KV cache and evict the oldest once H segments are cached.
 
         images uint8 (1, V, 3, S, S); state: a dict the caller keeps between steps ({} after a reset).
-        Costs one frame's tokens. Once H segments are cached, the oldest one's keys/values are evicted, so the
-        new frame attends to the last H frames as in training. RoPE makes attention depend only on position
-        differences, so positions simply keep counting. Exact (== a teacher-forced pass over the same frames)
-        while at most H frames have been seen; afterwards cached keys of the kept frames were computed while
-        the evicted frames were still visible, a sliding-window approximation. Policy(cache=False) recomputes.
+        Costs one frame's tokens. Exact (== a pass over the same frames, what training sees) only while at most
+        H frames have been seen. Afterwards it is NOT the trained model: the kept frames' keys/values were
+        computed while the evicted frames were still visible (training never shows a frame its predecessors
+        beyond the window), and the positions keep counting past anything seen in training. Measured on random
+        tiny models (H = 4, 100 steps): chunk differences of 0.09-0.6, also with RoPE, whose relative angles do not
+        remove the first effect. With absolute position embeddings (Kosmos-2's sinusoids) the positions
+        themselves leave the trained range, so this is refused there (see approximate_cache_error).
         -> the new [LRN]'s last-layer hidden state (1, d).
         """
+        err = approximate_cache_error(self.backbone)
+        if err:
+            raise ValueError(err)
         tok = self.image_tokens(images)
         x, _, is_lrn, _ = self.sequences(tok, [self.lrn_tail(instruction)])
         n, cache, n_seg = x.shape[1], state.get("cache"), state.get("n_seg", 0)
@@ -769,6 +782,31 @@ class VLA(nn.Module):
         hidden, cache = self.backbone(x, pos, cache, **self._mask_kw(mask))
         state.update(cache=cache, n_seg=n_seg + 1, next_pos=start + n)
         return hidden[is_lrn].view(1, -1)
+
+
+def position_kind(backbone):
+    """How a backbone's LM encodes positions: "rope" (rotary: attention sees position differences), "alibi"
+    (MPT: a bias on key - query distance) or "absolute" (position embeddings added to the input, Kosmos-2).
+    Read off the interface: rope() rotates unless the LM adds absolute positions or uses ALiBi."""
+    lm = getattr(backbone, "lm", None)
+    if isinstance(lm, backbones.MptLM):
+        return "alibi"
+    q = torch.ones(1, 1, 2, backbone.head_dim)
+    p = next(backbone.parameters())
+    q = q.to(p.device, p.dtype)
+    rotated = backbone.rope(q, torch.tensor([[0, 3]], device=p.device))
+    return "absolute" if torch.equal(rotated, q) else "rope"
+
+
+def approximate_cache_error(backbone):
+    """Why Policy(cache="approximate") is refused on this backbone, or "" where its error stays bounded."""
+    kind = position_kind(backbone)
+    if kind == "absolute":
+        return (f"cache='approximate' is refused for this backbone ({getattr(backbone, 'family', 'absolute')}): "
+                f"its LM adds absolute position embeddings, and a streaming KV cache keeps counting positions "
+                f"past anything seen in training (tens of thousands over one CALVIN subtask), so the error is "
+                f"unbounded (~0.6 on a random tiny-kosmos2 within 100 steps); use cache=True (exact)")
+    return ""
 
 
 def _select_stats(stats, dataset_key):
@@ -792,12 +830,20 @@ class Policy:
 
     obs: {"static": HxWx3 uint8, "wrist": HxWx3 uint8, ["state": ...]} (the cameras named in config.views).
     Returns the action (7,) float32 in the dataset's original units, gripper exactly ±1.
-    Per-formulation history caches (cache=True):
-      policy_head: the per-frame [LRN] features of the last H frames; a step runs the VLM on the new frame only
-                   and the head over the cached features (exact: per-frame features do not depend on each other).
-      interleaved: a KV cache of the last H segments (VLA.interleaved_step); a step costs one frame's tokens.
-    cache=False recomputes the whole window every step (the official wrapper's way; the baseline of
-    benchmarks/bench_policy_latency.py). A changed instruction resets the history (as SimplerEnv's wrapper does).
+    The closed loop is the trained model: every step equals a fresh pass over the last H frames, as in
+    training (to float tolerance; tests/test_matrix.py checks it on every backbone). History caches:
+      cache=True (default, exact):
+        policy_head: the per-frame [LRN] features of the last H frames; a step runs the VLM on the new frame
+                     only and the head over the cached features (exact: per-frame passes are independent).
+        interleaved: the per-frame image tokens of the last H frames (the vision tower sees one frame at a
+                     time, so this is exact); a step encodes the new frame and reruns the LM over the window
+                     (the kept frames' hidden states change once the oldest frame leaves the window, so no
+                     KV cache is exact past H frames).
+      cache=False: recompute the whole window from the raw frames every step (the official wrapper's way).
+      cache="approximate": interleaved only differs: a KV cache of the last H segments (VLA.interleaved_step),
+                     one frame's tokens per step, NOT equal to the trained model past H frames; refused on
+                     backbones with absolute positions (Kosmos-2), where its error is unbounded.
+    A changed instruction resets the history (as SimplerEnv's wrapper does).
     execution: "chunk" | "first" | "ensemble" (ActionExecutor, Table II). seed: flow-matching noise, reseeded
     at every reset() so evaluations are reproducible.
     """
@@ -807,6 +853,13 @@ class Policy:
         self.config = vla.config
         self.stats = _select_stats(stats, dataset_key)
         self.executor = ActionExecutor(execution, n_exec=n_exec, k=k)
+        if cache not in (True, False, "approximate"):
+            raise ValueError(f"cache must be True (exact per-frame caches, the default), False (recompute the "
+                             f"window from raw frames) or 'approximate' (interleaved KV cache), got {cache!r}")
+        if cache == "approximate" and self.config.formulation == "interleaved":
+            err = approximate_cache_error(vla.backbone)
+            if err:
+                raise ValueError(err)
         self.seed, self.cache = seed, cache
         self.generator = torch.Generator(device=vla.device)
         self.reset()
@@ -822,7 +875,8 @@ class Policy:
         self.instruction = None
         self.frames = collections.deque(maxlen=self.config.window)  # raw frames (cache=False)
         self.feats = collections.deque(maxlen=self.config.window)  # policy_head: [LRN] features (1, d)
-        self.state = {}  # interleaved: KV cache
+        self.tokens = collections.deque(maxlen=self.config.window)  # interleaved: image tokens (1, V*T_img, d)
+        self.state = {}  # interleaved, cache="approximate": KV cache
         self.last_chunk = None  # the latest normalized chunk (L, 7), for inspection
 
     def images(self, obs):
@@ -851,8 +905,12 @@ class Policy:
                 feats = vla.frame_features(torch.stack(list(self.frames), 1), [instruction]) if need else None
             out = vla.head.predict(feats, self.generator, c.flow_steps, last=True)[0, -1] if need else None
         elif c.formulation == "interleaved":
-            if self.cache:
+            if self.cache == "approximate":
                 feat = vla.interleaved_step(img, instruction, self.state)[:, None]  # (1, 1, d)
+            elif self.cache:
+                self.tokens.append(vla.image_tokens(img))  # (1, V*T_img, d), the new frame only
+                feat = vla.interleaved_from_tokens(torch.stack(list(self.tokens), 1), [instruction])[:, -1:] \
+                    if need else None  # (1, 1, d): the newest [LRN] of a pass over the last H frames
             else:
                 self.frames.append(img)
                 feat = vla.interleaved_features(torch.stack(list(self.frames), 1), [instruction])[:, -1:] \

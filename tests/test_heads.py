@@ -134,7 +134,7 @@ def test_expert_equals_one_joint_attention_over_vl_and_action_tokens():
     _, cache = bb(vl, pos_vl)
     got = expert.run(expert.queries[None].expand(B, -1, -1), cache, valid, pos_act)
 
-    x_vl, x_act = vl, expert.queries[None].expand(B, -1, -1)
+    x_vl, x_act = vl, expert.queries[None].expand(B, -1, -1) + expert.slot_pos  # + the per-slot embedding
     allowed = torch.zeros(B, T + 3, T + 3, dtype=torch.bool)
     allowed[:, :T, :T] = torch.tril(torch.ones(T, T, dtype=torch.bool))
     allowed[:, T:, :T] = valid[:, None, :]

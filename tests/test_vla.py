@@ -121,21 +121,27 @@ def test_policy_head_streaming_equals_batch(head):
 
 
 def test_interleaved_streaming_with_kv_cache_equals_batch():
+    """The default Policy (per-frame image tokens cached) == the batch pass at every step; the opt-in KV cache
+    (cache="approximate") only until the first eviction."""
     model = micro(formulation="interleaved").eval()
     H = model.config.window
     images = make_batch(B=1, H=5)["images"]
     full = model.predict(images[:, :H], INSTR[:1])  # one causal pass over H segments
     cached, naive = Policy(model, STATS, execution="first"), Policy(model, STATS, execution="first", cache=False)
+    approx = Policy(model, STATS, execution="first", cache="approximate")
     for t in range(5):
         c1 = cached.predict_chunk(obs_of(images, t), INSTR[0])
         c2 = naive.predict_chunk(obs_of(images, t), INSTR[0])
+        c3 = approx.predict_chunk(obs_of(images, t), INSTR[0])
         ref = model.predict(images[:, max(0, t - H + 1):t + 1], INSTR[:1])[0, -1]  # newest frame's [LRN]
+        np.testing.assert_allclose(c1, ref.numpy(), atol=1e-5)
         np.testing.assert_allclose(c2, ref.numpy(), atol=1e-5)
         if t < H:  # the KV cache is exact until the first eviction (see VLA.interleaved_step)
-            np.testing.assert_allclose(c1, full[0, t].numpy(), atol=1e-5)
-            np.testing.assert_allclose(c1, ref.numpy(), atol=1e-5)
-    assert cached.state["n_seg"] == H  # the cache holds at most H segments
-    n = cached.state["cache"][0][0].shape[2]
+            np.testing.assert_allclose(c3, full[0, t].numpy(), atol=1e-5)
+            np.testing.assert_allclose(c3, ref.numpy(), atol=1e-5)
+    assert len(cached.tokens) == H and not cached.state  # the default keeps image tokens, no KV cache
+    assert approx.state["n_seg"] == H  # the cache holds at most H segments
+    n = approx.state["cache"][0][0].shape[2]
     assert n == H * (n // H)
 
 

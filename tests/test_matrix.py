@@ -22,7 +22,8 @@ import heads
 import vla
 from vla import VLA, Policy, VLAConfig
 
-FAMILIES = ["tiny", "tiny-kosmos2", "tiny-paligemma", "tiny-llava", "tiny-flamingo"]  # append new families here
+FAMILIES = ["tiny", "tiny-kosmos2", "tiny-paligemma", "tiny-llava", "tiny-flamingo", "tiny-qwen-vl", "tiny-moondream",
+            "tiny-uform"]  # append new families here
 FORMULATIONS = {
     "discrete": dict(formulation="one_step_discrete"),
     "continuous": dict(formulation="one_step_continuous"),

@@ -235,6 +235,8 @@ class TinyVLM(nn.Module):
 
     image_tokens_inline = True
     tokenizer_filename = "tokenizer.model"
+    max_positions = 2048  # RoPE has no hard limit; the context Policy.act allows (as Kosmos-2's), far above the
+    # ~60 tokens of a tiny frame (VLA.check_context)
 
     def __init__(self, image_size=64, patch=8, vision_dim=64, vision_layers=2, vision_heads=4,
                  d=128, layers=4, heads=4, n_reserved=256 + 10, tokenizer=None, tokenizer_vocab=512):
@@ -250,6 +252,7 @@ class TinyVLM(nn.Module):
         self.vocab_size = self.tokenizer.vocab_size + n_reserved
         g = image_size // patch  # patches per side
         self.grid = g
+        self.n_image_tokens = (g // 2) ** 2  # per view, after the 2x2 merge
         # vision tower (bidirectional ViT, learned positions)
         self.patch_embed = nn.Conv2d(3, vision_dim, patch, stride=patch)
         self.vision_pos = nn.Parameter(torch.randn(g * g, vision_dim) * 0.02)
@@ -720,6 +723,10 @@ class PretrainedVLM(nn.Module):
         self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim = len(self.lm.layers), attn.n_heads, \
             attn.n_kv, attn.head_dim
         self.pad_token_id = t.get("pad_token_id")
+        # the LM's context: config's max_position_embeddings, else the released models' (Kosmos-2 2048, Gemma 8192,
+        # Vicuna-7B v1.5 4096)
+        self.max_positions = t.get("max_position_embeddings") or {"kosmos-2": 2048, "paligemma": 8192,
+                                                                   "llava": 4096}[self.family]
         n_patches = (v["image_size"] // v["patch_size"]) ** 2
         self.n_image_tokens = {"kosmos-2": cfg.get("latent_query_num", 64), "paligemma": n_patches,
                                "llava": n_patches + int(getattr(self, "select", "") == "full")}[self.family]
@@ -1090,6 +1097,10 @@ def build_pretrained_family(name, image_size=None, tokenizer_path=None, dtype=to
     resampler=n: add a perceiver resampler to n latents (e.g. backbone_kwargs={"resampler": 64} for LLaVA)."""
     if name not in TINY_FAMILIES:
         vlm = load_vlm(name, dtype=dtype, device=device, weights=weights)  # the folder's own tokenizer
+        if vlm.tokenizer is None:  # load_vlm allows it (logit comparisons); a VLA cannot train or act without it
+            raise FileNotFoundError(f"backbone folder {name} has no tokenizer file {vlm.tokenizer_filename!r} (found "
+                                    f"{sorted(os.listdir(os.path.expanduser(name)))}); copy it from the model's "
+                                    f"release next to config.json")
         return vlm.add_resampler(resampler) if resampler else vlm
     tok = SentencePieceTokenizer.load(tokenizer_path) if tokenizer_path else SentencePieceTokenizer.train_tiny()
     vlm = PretrainedVLM(tiny_family_config(TINY_FAMILIES[name], image_size or 64, tok.vocab_size + 256 + 10))
@@ -1148,6 +1159,7 @@ class FlamingoVLM(nn.Module):
 
     image_tokens_inline = False
     tokenizer_filename = "tokenizer.model"
+    max_positions = 2048  # MPT-1B / RedPajama-3B / LLaMA-7B (OpenFlamingo's LMs) were trained on 2048 tokens
 
     def __init__(self, vision, media_d, lm, cross_attn_every=1, n_latents=64, resampler_depth=6, heads=8,
                  head_dim=64, image_size=224, mean=CLIP_MEAN, std=CLIP_STD, tokenizer=None, tokens_ln_post=True):
@@ -1327,6 +1339,7 @@ def openflamingo_from_config(cfg):
                     p["depth"], p["heads"], p["dim_head"], v["image_size"],
                     tokens_ln_post=cfg.get("vision_tokens_after_ln_post", False))
     m.family, m.config, m.tokenizer_filename = "openflamingo", cfg, cfg.get("tokenizer_file", "tokenizer.json")
+    m.max_positions = t.get("max_seq_len") or t.get("max_position_embeddings") or m.max_positions
     m.media_token_id, m.eoc_token_id = cfg.get("media_token_id"), cfg.get("endofchunk_token_id")
     return m
 

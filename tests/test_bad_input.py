@@ -311,3 +311,22 @@ def test_unknown_camera_size_warns_instead(model, stats):
         p.act(obs(120, 200), "open the drawer")
     with pytest.raises(ValueError, match="below the minimum of 16 px"):
         p.act(obs(1, 1), "open the drawer")
+
+
+# ---- train.py: the camera sizes travel in the config; --init-from verifies ----
+
+def test_train_stores_camera_sizes_and_init_from_verifies(tmp_path):
+    import train
+    h5 = write_h5(tmp_path / "d.h5", n_eps=2, t=8)
+    flags = ["--data", str(h5), "--steps", "1", "--batch", "2", "--window", "2", "--chunk", "2", "--image-size", "32",
+             "--views", "static", "--eval-episodes", "0", "--threads", "1", "--loader-workers", "0"]
+    train.main(flags + ["--out", str(tmp_path / "a")])
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["config"]["camera_sizes"] == {"static": [24, 32]}
+    path = tmp_path / "a" / "model.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(SystemExit, match=rf"--init-from {tmp_path / 'a'}: .*model\.safetensors does not match its "
+                                         rf"sha256"):
+        train.main(flags + ["--out", str(tmp_path / "b"), "--init-from", str(tmp_path / "a")])

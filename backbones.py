@@ -1097,10 +1097,6 @@ def build_pretrained_family(name, image_size=None, tokenizer_path=None, dtype=to
     resampler=n: add a perceiver resampler to n latents (e.g. backbone_kwargs={"resampler": 64} for LLaVA)."""
     if name not in TINY_FAMILIES:
         vlm = load_vlm(name, dtype=dtype, device=device, weights=weights)  # the folder's own tokenizer
-        if vlm.tokenizer is None:  # load_vlm allows it (logit comparisons); a VLA cannot train or act without it
-            raise FileNotFoundError(f"backbone folder {name} has no tokenizer file {vlm.tokenizer_filename!r} (found "
-                                    f"{sorted(os.listdir(os.path.expanduser(name)))}); copy it from the model's "
-                                    f"release next to config.json")
         return vlm.add_resampler(resampler) if resampler else vlm
     tok = SentencePieceTokenizer.load(tokenizer_path) if tokenizer_path else SentencePieceTokenizer.train_tiny()
     vlm = PretrainedVLM(tiny_family_config(TINY_FAMILIES[name], image_size or 64, tok.vocab_size + 256 + 10))

@@ -393,14 +393,13 @@ def save_train_state(run_dir, step, net, model, opt, sched, stats, args, rank=0,
             model = save_train_state.shadow
             model.load_state_dict(model_sd)
         extra = {"step": step}
-        vla.save_checkpoint(tmp, model, stats, extra=extra)
+        vla.save_checkpoint(tmp, model, stats, extra=extra, manifest=False)  # the manifest below covers all files
         torch.save({"step": step, "optimizer": optim_sd, "scheduler": sched.state_dict(), "world_size": world,
                     "data_position": {"global_batch": args.batch, "samples_seen": step * args.batch},
                     "args": vars(args)}, tmp / "train_state.pt")
     barrier(world)
     if rank == 0:
-        # every file (incl. backbone/, a pretrained folder's config), replacing save_checkpoint's narrower manifest
-        vla.write_manifest(tmp, [f.relative_to(tmp) for f in tmp.rglob("*") if f.is_file()])
+        vla.write_manifest(tmp, [f.relative_to(tmp) for f in tmp.rglob("*") if f.is_file()])  # incl. backbone/
         shutil.rmtree(final, ignore_errors=True)  # a damaged checkpoint of this step left by an earlier attempt
         os.replace(tmp, final)  # the atomic step: readers see no checkpoint or a complete one
         for old in sorted(ck.glob("step_*"))[:-keep] if keep > 0 else []:

@@ -557,6 +557,11 @@ class VLA(nn.Module):
         self.backbone = backbones.build_backbone(backbone_folder or c.backbone, image_size=c.image_size,
                                                  tokenizer_path=tokenizer_path, **c.backbone_kwargs, **no_weights)
         bb = self.backbone
+        if bb.tokenizer is None:  # backbones.load_vlm allows it (logit checks); a VLA cannot train or act without it
+            folder = os.path.expanduser(backbone_folder or c.backbone)
+            raise FileNotFoundError(f"backbone folder {folder} has no tokenizer file {bb.tokenizer_filename!r} (found "
+                                    f"{sorted(os.listdir(folder))}); copy it from the model's release next to "
+                                    f"config.json")
         if bb.image_size != c.image_size:
             raise ValueError(f"backbone {c.backbone} takes {bb.image_size}px images but config.image_size is "
                              f"{c.image_size}")
@@ -877,9 +882,10 @@ def check_camera_image(view, hw, trained_hw, image_size):
                                            if trained_hw else "") + "; pass the camera's full frame")
     if not trained_hw:
         if max(h / w, w / h) > 1.05:
-            return (f"camera {view!r}: the checkpoint does not record its training camera size (saved before "
-                    f"VLAConfig.camera_sizes existed), so this {h}x{w} image is squashed to {image_size}x{image_size} "
-                    f"unchecked; make sure the training images had the same aspect ratio")
+            return (f"camera {view!r}: the checkpoint does not record its training camera size (VLAConfig."
+                    f"camera_sizes is empty: saved before it existed, or not by train.py), so this {h}x{w} image is "
+                    f"squashed to {image_size}x{image_size} unchecked; make sure the training images had the same "
+                    f"aspect ratio")
         return None
     h0, w0 = trained_hw
     aspect, aspect0 = w / h, w0 / h0
@@ -1173,9 +1179,10 @@ def check_action_stats(stats, where):
     return stats
 
 
-def save_checkpoint(run_dir, vla, stats, extra=None):
+def save_checkpoint(run_dir, vla, stats, extra=None, manifest=True):
     """Write the checkpoint files into run_dir (each atomically), then manifest.json (size + sha256 of each, last):
-    load_checkpoint verifies every file against it.
+    load_checkpoint verifies every file against it. manifest=False: the caller writes one covering more files
+    (train.py's checkpoints/step_N), so the weights are hashed once.
 
     stats: {dataset_key: stats dict from compute_action_stats}; extra: JSON-able dict (step, metrics, ...).
     """
@@ -1197,7 +1204,8 @@ def save_checkpoint(run_dir, vla, stats, extra=None):
         names += [os.path.join("backbone", f) for f in os.listdir(os.path.join(run_dir, "backbone"))]
     cfg = {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(vla.config), "extra": extra or {}}
     _atomic_write(os.path.join(run_dir, "config.json"), dump(cfg))
-    write_manifest(run_dir, names)
+    if manifest:
+        write_manifest(run_dir, names)
 
 
 def _read_json(path):

@@ -255,8 +255,11 @@ def test_backbone_folder_without_tokenizer_is_refused(tmp_path):
     folder = tmp_path / "llava"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(backbones.tiny_family_config("llava")))
-    with pytest.raises(FileNotFoundError, match=rf"backbone folder {folder} has no tokenizer file 'tokenizer\.model'"):
-        backbones.build_backbone(str(folder), weights=False)
+    # the run-directory path (weights come from the run); training's path (weights from the folder) reaches the
+    # same check in VLA.__init__ after load_vlm
+    with pytest.raises(FileNotFoundError, match=rf"backbone folder {folder} has no tokenizer file 'tokenizer\.model' "
+                                                rf"\(found \['config\.json'\]\)"):
+        vla.VLA(vla.VLAConfig.tiny(backbone=str(folder)), backbone_folder=str(folder))
 
 
 # ---- Policy.act ----

@@ -481,7 +481,7 @@ class HDF5Dataset(WindowDataset):
         self.episodes = [eps[i][:2] for i in chosen]  # (file index, episode name) per segment
         lengths = np.array([eps[i][4] for i in chosen], dtype=np.int64)
         start = np.cumsum(lengths) - lengths
-        self._ep_start = start  # (episodes,) first row of each chosen episode (for _where)
+        self._row_episodes = (start, list(self.episodes))  # first row of each chosen episode, (file, name) (_where)
         self._files, self._pid = {}, None
         self._build(key, np.concatenate([acts[i] for i in chosen]),
                     np.concatenate([sts[i] for i in chosen]) if state else None, start, start + lengths - 1,
@@ -492,9 +492,10 @@ class HDF5Dataset(WindowDataset):
             warnings.warn(f"HDF5Dataset skipped {self.n_bad} bad file(s)/episode(s) (skip_bad=True); first: {self.bad[0]}")
 
     def _where(self, row):
-        e = int(np.searchsorted(self._ep_start, row, side="right")) - 1  # self.episodes is still unfiltered here
-        fi, name = self.episodes[e]
-        return f"{self.paths[fi]} episode {name} frame {row - int(self._ep_start[e])}"
+        start, episodes = self._row_episodes
+        e = int(np.searchsorted(start, row, side="right")) - 1
+        fi, name = episodes[e]
+        return f"{self.paths[fi]} episode {name} frame {row - int(start[e])}"
 
     def _bad(self, msg, skip_bad):
         if not skip_bad:

@@ -38,7 +38,8 @@ OUTLIER_SAMPLE_ROWS = 200_000  # robust quantiles of big datasets come from an e
 
 
 def find_implausible_actions(actions, factor=None):
-    """-> [(row, dim, value, limit)] of pose values (dims 0-5) farther than factor x (q90 - q10) from the median.
+    """-> [(row, dim, value, (low, high))] of pose values (dims 0-5) outside median +- factor x (q90 - q10), at
+    most the first 1000 (enough to name them; a dataset with more is broken as a whole).
 
     A dimension whose q10 == q90 (constant for most rows, e.g. an unused rotation) borrows the largest spread of
     the other pose dims; if every pose dim is constant nothing is flagged. The gripper (dim 6) is binarized by
@@ -57,8 +58,10 @@ def find_implausible_actions(actions, factor=None):
     out = []
     for i in range(0, n, STATS_CHUNK_ROWS):
         c = np.asarray(actions[i:i + STATS_CHUNK_ROWS], dtype=np.float64)[:, :p]
-        for r, j in np.argwhere(np.abs(c - med) > limit):
+        for r, j in np.argwhere(np.abs(c - med) > limit)[:1000 - len(out)]:
             out.append((i + int(r), int(j), float(c[r, j]), (float(med[j] - limit[j]), float(med[j] + limit[j]))))
+        if len(out) >= 1000:
+            break
     return out
 
 
@@ -106,9 +109,10 @@ def compute_action_stats(actions, where=None):
     bad = find_implausible_actions(actions)
     if bad:
         row, dim, value, (lo_ok, hi_ok) = bad[0]
+        n_bad = f"{len(bad)}{'+' if len(bad) >= 1000 else ''}"
         raise ValueError(f"{where(row)}, dim {dim} (0-5 pose) is {value:.6g}, implausibly far from the other "
                          f"actions (this dimension's plausible range is [{lo_ok:.4g}, {hi_ok:.4g}]: median +- "
-                         f"{OUTLIER_FACTOR:g} x its q10-q90 spread); {len(bad)} value(s) flagged. It would move the "
+                         f"{OUTLIER_FACTOR:g} x its q10-q90 spread); {n_bad} value(s) flagged. It would move the "
                          f"q01/q99 normalization bounds: fix or drop that episode (or set vla.OUTLIER_FACTOR)")
 
     if n <= EXACT_QUANTILE_MAX_ROWS:

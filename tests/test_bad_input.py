@@ -87,7 +87,8 @@ def test_robot_and_evaluate_load_through_the_verified_path(run):
     """robot.py and evaluate.py load with Policy.from_pretrained: a damaged run stops them, naming the file."""
     import evaluate
     import robot
-    (run / "action_stats.json").write_text((run / "action_stats.json").read_text().replace("1", "2", 1))
+    stats_file = run / "action_stats.json"
+    stats_file.write_text(stats_file.read_text().replace("1", "2", 1))  # still valid JSON, different bytes
     with pytest.raises(vla.CheckpointError, match=r"action_stats\.json does not match"):
         robot.main(["--ckpt", str(run), "--instruction", "push", "--backend", "sim", "--dry-run", "--episodes", "1", "--max-steps", "1"])
     with pytest.raises(vla.CheckpointError, match=r"action_stats\.json does not match"):

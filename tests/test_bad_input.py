@@ -3,7 +3,6 @@ actions, bad episodes, a backbone folder without its tokenizer, and what Policy.
 what the message names (file, key, limit). One tiny model is built per module and shared."""
 
 import json
-import os
 import shutil
 
 import h5py

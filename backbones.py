@@ -238,6 +238,8 @@ class TinyVLM(nn.Module):
 
     image_tokens_inline = True
     tokenizer_filename = "tokenizer.model"
+    max_positions = 2048  # RoPE has no hard limit; the context Policy.act allows (as Kosmos-2's), far above the
+    # ~60 tokens of a tiny frame (VLA.check_context)
 
     def __init__(self, image_size=64, patch=8, vision_dim=64, vision_layers=2, vision_heads=4,
                  d=128, layers=4, heads=4, n_reserved=256 + 10, tokenizer=None, tokenizer_vocab=512):
@@ -253,6 +255,7 @@ class TinyVLM(nn.Module):
         self.vocab_size = self.tokenizer.vocab_size + n_reserved
         g = image_size // patch  # patches per side
         self.grid = g
+        self.n_image_tokens = (g // 2) ** 2  # per view, after the 2x2 merge
         # vision tower (bidirectional ViT, learned positions)
         self.patch_embed = nn.Conv2d(3, vision_dim, patch, stride=patch)
         self.vision_pos = nn.Parameter(torch.randn(g * g, vision_dim) * 0.02)
@@ -726,6 +729,10 @@ class PretrainedVLM(nn.Module):
         self.n_layers, self.n_heads, self.n_kv_heads, self.head_dim = len(self.lm.layers), attn.n_heads, \
             attn.n_kv, attn.head_dim
         self.pad_token_id = t.get("pad_token_id")
+        # the LM's context: config's max_position_embeddings, else the released models' (Kosmos-2 2048, Gemma 8192,
+        # Vicuna-7B v1.5 4096)
+        self.max_positions = t.get("max_position_embeddings") or {"kosmos-2": 2048, "paligemma": 8192,
+                                                                   "llava": 4096}[self.family]
         n_patches = (v["image_size"] // v["patch_size"]) ** 2
         self.n_image_tokens = {"kosmos-2": cfg.get("latent_query_num", 64), "paligemma": n_patches,
                                "llava": n_patches + int(getattr(self, "select", "") == "full")}[self.family]
@@ -1233,6 +1240,7 @@ class MoondreamVLM(PretrainedVLM):
         self.crops = v.get("multi_crop", not timm_era)  # projector input [global, crops] = [global, global]
         self.projector = FeedForward(w * (1 + self.crops), 4 * d, v["hidden_act"], out=d)  # moondream: hidden 4 d
         self.lm = PhiLM(t)
+        self.max_positions = t.get("max_position_embeddings") or 2048  # Phi-1.5's context (Policy.act checks it)
         self.image_token_id, self.pad_token_id, self.n_image_tokens = None, None, g * g
         self.tokenizer_filename = cfg.get("tokenizer_file", "tokenizer.json")
         self.image_size, self.image_mean, self.image_std = v["image_size"], (0.5,) * 3, (0.5,) * 3  # moondream
@@ -1321,6 +1329,7 @@ class FlamingoVLM(nn.Module):
 
     image_tokens_inline = False
     tokenizer_filename = "tokenizer.model"
+    max_positions = 2048  # MPT-1B / RedPajama-3B / LLaMA-7B (OpenFlamingo's LMs) were trained on 2048 tokens
 
     def __init__(self, vision, media_d, lm, cross_attn_every=1, n_latents=64, resampler_depth=6, heads=8,
                  head_dim=64, image_size=224, mean=CLIP_MEAN, std=CLIP_STD, tokenizer=None, tokens_ln_post=True):
@@ -1500,6 +1509,7 @@ def openflamingo_from_config(cfg):
                     p["depth"], p["heads"], p["dim_head"], v["image_size"],
                     tokens_ln_post=cfg.get("vision_tokens_after_ln_post", False))
     m.family, m.config, m.tokenizer_filename = "openflamingo", cfg, cfg.get("tokenizer_file", "tokenizer.json")
+    m.max_positions = t.get("max_seq_len") or t.get("max_position_embeddings") or m.max_positions
     m.media_token_id, m.eoc_token_id = cfg.get("media_token_id"), cfg.get("endofchunk_token_id")
     return m
 
@@ -1799,6 +1809,7 @@ class QwenFamilyVLM(PretrainedVLM):
             self.image_boundary = (v["image_start_id"], v["image_start_id"] + 1)  # <img>, </img> (RoboVLMs)
             self.image_size, self.n_image_tokens, self.tokenizer_filename = v["image_size"], v["n_queries"] + 2, \
                 "qwen.tiktoken"
+            self.max_positions = c.get("max_position_embeddings") or 8192  # Qwen-7B's config (Policy.act checks it)
         elif self.family == "vlm":
             c, t = {**_UFORM_GEN2, **cfg}, {**_QWEN15_05B, **(cfg.get("text_config") or {})}
             if t["use_sliding_window"] or t.get("rope_scaling") or t["hidden_act"] != "silu":
@@ -1814,6 +1825,7 @@ class QwenFamilyVLM(PretrainedVLM):
                                    t["rope_theta"], t["num_key_value_heads"], t["tie_word_embeddings"])
             self.image_boundary, self.image_size, self.n_image_tokens = None, c["image_size"], c["num_image_latents"]
             self.tie_stated = "tie_word_embeddings" in (cfg.get("text_config") or {})
+            self.max_positions = t.get("max_position_embeddings") or 32768  # Qwen1.5's context
             self.tokenizer_filename = "tokenizer.json"
         else:
             raise ValueError(f"model_type {self.family!r} is not a Qwen family: expected one of {self.TYPES}")

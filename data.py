@@ -52,7 +52,11 @@ def resize_images(images, size, out=None):
     84 -> 224 wrist). Square output: the aspect ratio is not kept (CALVIN and our cameras are square anyway).
     out: optional uint8 tensor (..., 3, size, size) to write into (saves a copy when stacking views).
     """
-    x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+    if not torch.is_tensor(images):
+        images = np.asarray(images)
+        if any(st < 0 for st in images.strides):  # a flipped view (img[..., ::-1], BGR -> RGB): torch needs a copy
+            images = np.ascontiguousarray(images)
+    x = torch.as_tensor(images)
     if x.dtype != torch.uint8 or x.ndim < 3 or x.shape[-1] != 3:
         raise ValueError(f"resize_images expects uint8 images (..., h, w, 3), got {x.dtype} {tuple(x.shape)}")
     lead, (h, w) = x.shape[:-3], x.shape[-3:-1]
@@ -317,7 +321,10 @@ class WindowDataset(torch.utils.data.Dataset):
             if len(self.seg_start) == 0:
                 raise DataError(f"dataset {self.key!r}: no segments left to compute statistics from")
             rows = np.unique(np.concatenate([np.arange(s, e + 1) for s, e in zip(self.seg_start, self.seg_end)]))
-            stats = compute_action_stats(self.raw_actions[rows])
+            try:  # non-finite or implausible actions (vla.find_implausible_actions), named by episode and frame
+                stats = compute_action_stats(self.raw_actions[rows], where=lambda r: self._where(int(rows[r])))
+            except ValueError as e:
+                raise DataError(f"dataset {self.key!r}: {e}") from None
         self.stats = stats
         self.actions = normalize_action(self.raw_actions, stats, mode=norm_mode).astype(np.float32)  # (N, 7)
         h = self.window
@@ -331,6 +338,18 @@ class WindowDataset(torch.utils.data.Dataset):
     @property
     def stats_by_key(self):
         return {self.key: self.stats}
+
+    def _where(self, row):
+        """Row of the frame table -> "<file> episode <name> frame <t>" (for error messages)."""
+        seg = int(np.searchsorted(self.seg_start, row, side="right")) - 1
+        return f"segment {seg} ({self.instructions[seg]!r}) frame {row - int(self.seg_start[seg])}"
+
+    @property
+    def camera_sizes(self):
+        """{view: [h, w]} of this dataset's camera images (stored in VLAConfig.camera_sizes by train.py, checked by
+        Policy.act); a view whose episodes disagree on the size is left out."""
+        shapes = getattr(self, "image_shapes", {})
+        return {v: [int(shapes[v][0]), int(shapes[v][1])] for v in self.views if shapes.get(v) is not None}
 
     def __len__(self):
         return len(self.win_t0)
@@ -405,6 +424,7 @@ class HDF5Dataset(WindowDataset):
         self.paths = [str(p) for p in paths]
         window, chunk, views, image_size = _check_window_args(window, chunk, views, image_size)
         self.with_state, self.n_bad, self.n_incomplete, self.bad = bool(state), 0, 0, []
+        self.image_shapes = {}  # {view: (h, w)} shared by every episode, None if they differ
         eps, acts, sts = [], [], []  # eps: (file index, episode name, instruction, task, n frames)
         for fi, path in enumerate(self.paths):
             if not os.path.isfile(path):
@@ -433,6 +453,10 @@ class HDF5Dataset(WindowDataset):
                     except (DataError, KeyError, OSError) as e:
                         self._bad(e if isinstance(e, DataError) else f"{where}: unreadable ({e})", skip_bad)
                         continue
+                    for v in views:
+                        hw = tuple(g["images"][v].shape[1:3])
+                        if self.image_shapes.setdefault(v, hw) != hw:
+                            self.image_shapes[v] = None  # mixed camera sizes: not recorded
                     eps.append((fi, name, _attr_str(g.attrs["instruction"]), _attr_str(g.attrs.get("task", "")),
                                 len(a)))
                     acts.append(a)
@@ -457,6 +481,7 @@ class HDF5Dataset(WindowDataset):
         self.episodes = [eps[i][:2] for i in chosen]  # (file index, episode name) per segment
         lengths = np.array([eps[i][4] for i in chosen], dtype=np.int64)
         start = np.cumsum(lengths) - lengths
+        self._row_episodes = (start, list(self.episodes))  # first row of each chosen episode, (file, name) (_where)
         self._files, self._pid = {}, None
         self._build(key, np.concatenate([acts[i] for i in chosen]),
                     np.concatenate([sts[i] for i in chosen]) if state else None, start, start + lengths - 1,
@@ -465,6 +490,12 @@ class HDF5Dataset(WindowDataset):
         self.episodes = [self.episodes[i] for i in self.seg_keep]
         if self.n_bad:
             warnings.warn(f"HDF5Dataset skipped {self.n_bad} bad file(s)/episode(s) (skip_bad=True); first: {self.bad[0]}")
+
+    def _where(self, row):
+        start, episodes = self._row_episodes
+        e = int(np.searchsorted(start, row, side="right")) - 1
+        fi, name = episodes[e]
+        return f"{self.paths[fi]} episode {name} frame {row - int(start[e])}"
 
     def _bad(self, msg, skip_bad):
         if not skip_bad:
@@ -499,6 +530,10 @@ def _read_hdf5_episode(g, views, with_state, where):
     for k in ("instruction", "actions"):
         if k not in g.attrs and k not in g:
             raise DataError(f"{where}: missing '{k}'")
+    instruction = _attr_str(g.attrs["instruction"])
+    if not instruction.strip():  # EpisodeWriter refuses these; a file written by other tools may still hold one
+        raise DataError(f"{where}: attr 'instruction' is empty ({instruction!r}): every episode needs the task in "
+                        f"words; fix the file or pass skip_bad=True to drop such episodes")
     a = g["actions"][()]
     images = {}
     for v in views:
@@ -685,6 +720,10 @@ class CalvinDataset(WindowDataset):
                 raise ValueError("cache_images=True needs cache_dir=<a folder with room for the resized frames>")
             self._build_image_cache(Path(cache_dir))
 
+    def _where(self, row):
+        fid = int(self.frame_ids[row])
+        return f"{calvin_frame_path(self.split_dir, fid)} (frame {fid})"
+
     def _build_image_cache(self, cache_dir):
         n, s = len(self.frame_ids), self.image_size
         tag = hashlib.sha1(f"{self.split_dir.resolve()}|{s}".encode() + self.frame_ids.tobytes()).hexdigest()[:16]
@@ -863,6 +902,12 @@ class MixtureDataset(torch.utils.data.Dataset):
     @property
     def stats(self):
         raise AttributeError("a MixtureDataset has one set of statistics per dataset: use .stats_by_key")
+
+    @property
+    def camera_sizes(self):
+        """{view: [h, w]} where every dataset of the mixture agrees (see WindowDataset.camera_sizes)."""
+        sizes = [d.camera_sizes for d in self.datasets]
+        return {v: hw for v, hw in sizes[0].items() if all(s.get(v) == hw for s in sizes)}
 
     def __len__(self):
         return self.length

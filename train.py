@@ -408,15 +408,13 @@ def save_train_state(run_dir, step, net, model, opt, sched, stats, args, rank=0,
             model = save_train_state.shadow
             model.load_state_dict(model_sd)
         extra = {"step": step}
-        vla.save_checkpoint(tmp, model, stats, extra=extra)
+        vla.save_checkpoint(tmp, model, stats, extra=extra, manifest=False)  # the manifest below covers all files
         torch.save({"step": step, "optimizer": optim_sd, "scheduler": sched.state_dict(), "world_size": world,
                     "data_position": {"global_batch": args.batch, "samples_seen": step * args.batch},
                     "args": vars(args)}, tmp / "train_state.pt")
     barrier(world)
     if rank == 0:
-        files = sorted(f for f in tmp.rglob("*") if f.is_file())  # incl. backbone/ (a pretrained folder's config)
-        manifest = {str(f.relative_to(tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        vla.write_manifest(tmp, [f.relative_to(tmp) for f in tmp.rglob("*") if f.is_file()])  # incl. backbone/
         shutil.rmtree(final, ignore_errors=True)  # a damaged checkpoint of this step left by an earlier attempt
         os.replace(tmp, final)  # the atomic step: readers see no checkpoint or a complete one
         for old in sorted(ck.glob("step_*"))[:-keep] if keep > 0 else []:
@@ -677,9 +675,13 @@ def main(argv=None):
     print(f"dataset: {describe_dataset(dataset)}, {len(dataset)} windows (H={args.window}, L={args.chunk}), "
           f"{t_data:.0f} s, on {world} process(es)")
     model = build_model(args)
+    model.config.camera_sizes = dataset.camera_sizes  # the cameras' native sizes: Policy.act checks live images
     stats = dataset.stats_by_key
     if args.init_from:  # post-train: the co-trained weights, and its datasets' statistics travel along
-        src, src_stats, _ = vla.load_checkpoint(args.init_from)
+        try:  # verified against its manifest.json; config and statistics validated
+            src, src_stats, _ = vla.load_checkpoint(args.init_from)
+        except (vla.CheckpointError, FileNotFoundError) as e:
+            raise SystemExit(f"--init-from {args.init_from}: {e}") from None
         try:
             model.load_state_dict(src.state_dict())
         except RuntimeError as e:

@@ -29,8 +29,48 @@ HIST_BINS = 8192  # histogram resolution: quantile error <= (max - min) / 8192 ~
 STATS_CHUNK_ROWS = 262_144  # rows processed at a time in the streaming path
 
 
-def compute_action_stats(actions):
+# Implausible actions (a corrupt value such as 1e30 in a small dataset moves q99 to ~1e29 and with it the whole
+# normalization): a pose value farther than OUTLIER_FACTOR x the robust spread (q90 - q10 of its dimension) from
+# the dimension's median is refused. q10/q90 stay put unless > 10% of the rows are corrupt; a legit action 100x
+# the central 80% spread away from the median does not occur in CALVIN, Meta-World or teleoperation deltas.
+OUTLIER_FACTOR = 100.0
+OUTLIER_SAMPLE_ROWS = 200_000  # robust quantiles of big datasets come from an evenly strided sample of rows
+
+
+def find_implausible_actions(actions, factor=None):
+    """-> [(row, dim, value, (low, high))] of pose values (dims 0-5) outside median +- factor x (q90 - q10), at
+    most the first 1000 (enough to name them; a dataset with more is broken as a whole).
+
+    A dimension whose q10 == q90 (constant for most rows, e.g. an unused rotation) borrows the largest spread of
+    the other pose dims; if every pose dim is constant nothing is flagged. The gripper (dim 6) is binarized by
+    normalize_action and is never checked. actions: (N, D) array-like (np.memmap, h5py datasets work)."""
+    factor = OUTLIER_FACTOR if factor is None else factor
+    n, d = actions.shape
+    p = min(d, POSE_DIM)
+    step = max(1, n // OUTLIER_SAMPLE_ROWS)
+    sample = np.asarray(actions[::step], dtype=np.float64)[:, :p]  # (<= ~2 x OUTLIER_SAMPLE_ROWS, p)
+    med = np.median(sample, 0)
+    spread = np.quantile(sample, 0.9, 0) - np.quantile(sample, 0.1, 0)  # (p,)
+    if not (spread > DEGENERATE_RANGE).any():
+        return []
+    spread = np.where(spread > DEGENERATE_RANGE, spread, spread.max())
+    limit = factor * spread
+    out = []
+    for i in range(0, n, STATS_CHUNK_ROWS):
+        c = np.asarray(actions[i:i + STATS_CHUNK_ROWS], dtype=np.float64)[:, :p]
+        for r, j in np.argwhere(np.abs(c - med) > limit)[:1000 - len(out)]:
+            out.append((i + int(r), int(j), float(c[r, j]), (float(med[j] - limit[j]), float(med[j] + limit[j]))))
+        if len(out) >= 1000:
+            break
+    return out
+
+
+def compute_action_stats(actions, where=None):
     """Per-dimension statistics of an action array (N, D), D is usually 7.
+
+    Refuses non-finite actions and implausible ones (find_implausible_actions: farther than OUTLIER_FACTOR x the
+    robust spread from the median); where(row) -> str names a row in the error (default "action row {row}";
+    the data readers pass the file, episode and frame).
 
     Returns {"q01", "q99", "mean", "std", "min", "max"}: each a list of D floats, plus "count".
     Quantiles are exact (numpy's linear interpolation) for N <= EXACT_QUANTILE_MAX_ROWS. Above that, two
@@ -46,12 +86,14 @@ def compute_action_stats(actions):
     if n == 0:
         raise ValueError("compute_action_stats got 0 actions: the dataset is empty (check its path and filters)")
 
+    where = where or (lambda row: f"action row {row}")
+
     def chunks():
         for i in range(0, n, STATS_CHUNK_ROWS):
             c = np.asarray(actions[i:i + STATS_CHUNK_ROWS], dtype=np.float64)
             if not np.isfinite(c).all():
                 row, dim = np.argwhere(~np.isfinite(c))[0]
-                raise ValueError(f"action row {i + row}, dim {dim} is {c[row, dim]}: statistics need finite "
+                raise ValueError(f"{where(i + int(row))}, dim {dim} is {c[row, dim]}: statistics need finite "
                                  f"actions; fix or drop the episode that contains it")
             yield c
 
@@ -64,6 +106,14 @@ def compute_action_stats(actions):
         lo, hi = np.minimum(lo, c.min(0)), np.maximum(hi, c.max(0))
     mean = s / n
     std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
+    bad = find_implausible_actions(actions)
+    if bad:
+        row, dim, value, (lo_ok, hi_ok) = bad[0]
+        n_bad = f"{len(bad)}{'+' if len(bad) >= 1000 else ''}"
+        raise ValueError(f"{where(row)}, dim {dim} (0-5 pose) is {value:.6g}, implausibly far from the other "
+                         f"actions (this dimension's plausible range is [{lo_ok:.4g}, {hi_ok:.4g}]: median +- "
+                         f"{OUTLIER_FACTOR:g} x its q10-q90 spread); {n_bad} value(s) flagged. It would move the "
+                         f"q01/q99 normalization bounds: fix or drop that episode (or set vla.OUTLIER_FACTOR)")
 
     if n <= EXACT_QUANTILE_MAX_ROWS:
         a = np.asarray(actions[:], dtype=np.float64)
@@ -344,9 +394,11 @@ class ActionExecutor:
 
 import collections
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
+import warnings
 
 import torch.nn as nn
 
@@ -388,6 +440,9 @@ class VLAConfig:
     # see each other, what follows is causal; transformers' token_type_ids, pi0; every other family: causal),
     # "prefix" | "causal" to force one (see VLA.prefix_lm and docs/backbones.md)
     attention: str = "auto"
+    # {view: [h, w]} of the training data's camera images (data.camera_sizes; {} = not recorded): Policy.act
+    # refuses images that cannot come from that camera (see check_camera_image)
+    camera_sizes: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def tiny(cls, **overrides):
@@ -411,16 +466,36 @@ class VLAConfig:
 
     @classmethod
     def from_dict(cls, d):
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+        """A saved config (config.json's "config") -> VLAConfig, checked like a flag: every key must be a known
+        field of the right JSON type (e.g. "window": 2, not "2"; "views": ["static"], not "static"); then
+        validate(). Errors name the key."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a VLAConfig must be a JSON object {{field: value}}, got {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
         if unknown:
             raise ValueError(f"unknown VLAConfig field(s) {unknown}; was the checkpoint written by a newer version?")
         d = dict(d)
         d.setdefault("attention", "causal")  # written before the field existed: those runs trained causally
-        for k in ("views", "head_mlp"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
+        item = {"views": str, "head_mlp": int}  # element type of the tuple fields
+        for k, v in d.items():
+            t = fields[k].type
+            ok = {bool: lambda x: isinstance(x, bool),
+                  int: lambda x: isinstance(x, int) and not isinstance(x, bool),
+                  float: lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+                  str: lambda x: isinstance(x, str),
+                  dict: lambda x: isinstance(x, dict),
+                  tuple: lambda x: isinstance(x, (list, tuple)) and all(
+                      isinstance(e, item[k]) and not isinstance(e, bool) for e in x)}[t](v)
+            if not ok:
+                want = {tuple: f"a list of {item.get(k, str).__name__}", dict: "an object {...}"}.get(t, t.__name__)
+                raise ValueError(f"key {k!r} must be {want}, got {v!r} ({type(v).__name__}); e.g. "
+                                 f"{json.dumps(dataclasses.asdict(cls())[k])}")
+            if t is tuple:
+                d[k] = tuple(v)
+            elif t is float:
+                d[k] = float(v)
+        return cls(**d).validate()
 
     def validate(self):
         def bad(msg):
@@ -444,6 +519,23 @@ class VLAConfig:
         if self.attention not in ("auto", "prefix", "causal"):
             bad(f"attention must be 'auto' (the backbone's own: prefix-LM for PaliGemma), 'prefix' or 'causal', "
                 f"got {self.attention!r}")
+        if len(set(self.views)) != len(self.views):
+            bad(f"views must not repeat a camera, got {self.views}")
+        for k in ("image_size", "head_width", "head_layers", "head_heads", "flow_steps"):
+            if getattr(self, k) < 1:
+                bad(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.n_bins < 2:
+            bad(f"n_bins must be >= 2, got {self.n_bins}")
+        if not (self.lam >= 0 and math.isfinite(self.lam)):
+            bad(f"lam (gripper loss weight) must be a finite number >= 0, got {self.lam}")
+        if self.action_norm not in ("quantile", "bounds"):
+            bad(f"action_norm must be 'quantile' or 'bounds', got {self.action_norm!r}")
+        if not (self.norm_bound > 0 and math.isfinite(self.norm_bound)):
+            bad(f"norm_bound must be a finite number > 0, got {self.norm_bound}")
+        for v, hw in self.camera_sizes.items():
+            if not (isinstance(hw, (list, tuple)) and len(hw) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in hw)):
+                bad(f"camera_sizes[{v!r}] must be [height, width] in pixels, got {hw!r}")
         return self
 
 
@@ -478,6 +570,11 @@ class VLA(nn.Module):
         self.backbone = backbones.build_backbone(backbone_folder or c.backbone, image_size=c.image_size,
                                                  tokenizer_path=tokenizer_path, **c.backbone_kwargs, **no_weights)
         bb = self.backbone
+        if bb.tokenizer is None:  # backbones.load_vlm allows it (logit checks); a VLA cannot train or act without it
+            folder = os.path.expanduser(backbone_folder or c.backbone)
+            raise FileNotFoundError(f"backbone folder {folder} has no tokenizer file {bb.tokenizer_filename!r} (found "
+                                    f"{sorted(os.listdir(folder))}); copy it from the model's release next to "
+                                    f"config.json")
         if bb.image_size != c.image_size:
             raise ValueError(f"backbone {c.backbone} takes {bb.image_size}px images but config.image_size is "
                              f"{c.image_size}")
@@ -590,6 +687,30 @@ class VLA(nn.Module):
     def _mask_kw(mask):
         """backbone(..., **_mask_kw(mask)): only the families that take a mask (PretrainedVLM) ever get one."""
         return {} if mask is None else {"mask": mask}
+
+    def context_tokens(self, instruction):
+        """Tokens of the longest sequence the LM sees for one instruction: [BOS] [images] prompt [LRN] [EOS] per
+        frame (images only inline for decoder-only VLMs), H segments back to back for `interleaved`, the 7 L action
+        tokens for `one_step_discrete`."""
+        c, bb = self.config, self.backbone
+        n_img = len(c.views) * bb.n_image_tokens if bb.image_tokens_inline else 0
+        bos = int(bb.tokenizer.bos_id is not None)
+        if c.formulation == "one_step_discrete":
+            return bos + n_img + len(self.text_ids(instruction)) + ACTION_DIM * c.chunk + 1
+        per_frame = bos + n_img + len(self.lrn_tail(instruction))
+        return per_frame * (c.window if c.formulation == "interleaved" else 1)
+
+    def check_context(self, instruction):
+        """Refuse an instruction whose sequence does not fit the backbone's context (backbone.max_positions): a
+        10,000-character instruction otherwise runs, slowly, on positions the LM never saw."""
+        limit = getattr(self.backbone, "max_positions", None)
+        n = self.context_tokens(instruction)
+        if limit is not None and n > limit:
+            text = len(self.text_ids(instruction))
+            raise ValueError(f"instruction of {len(instruction)} characters ({text} tokens) gives a sequence of {n} "
+                             f"tokens, but the backbone {self.config.backbone!r} has a context of {limit} positions "
+                             f"(max_positions); shorten the instruction to the task itself, e.g. 'open the drawer'")
+        return n
 
     def media(self, img_tok):
         """What forward(media=) gets: None for decoder-only VLMs (images are inline), else the image tokens."""
@@ -825,6 +946,46 @@ def _select_stats(stats, dataset_key):
     return stats[dataset_key]
 
 
+MIN_CAMERA_PX = 16  # no camera of a manipulation dataset is smaller; 1x1 or 4x4 images are a bug upstream
+CAMERA_ASPECT_TOLERANCE = 1.5  # max ratio between the live and the trained camera's aspect (w / h), see below
+CAMERA_MIN_SCALE = 0.25  # live images at least 1/4 of the trained camera's height and width
+
+
+def check_camera_image(view, hw, trained_hw, image_size):
+    """Can an image of (h, w) pixels come from the camera a policy was trained on? Raises ValueError if not;
+    returns a warning text (or None) when the training camera size was not recorded.
+
+    Every image is resized to the model's square input (data.resize_images), so a wrong camera does not crash:
+    it silently changes the scene's geometry. Rule: each side >= MIN_CAMERA_PX; if the training data's size
+    (h0, w0) is known (VLAConfig.camera_sizes), the aspect ratio must be within a factor 1.5 of w0 / h0 and
+    each side at least 1/4 of the trained one. The factor 1.5, not exact equality, because datasets are often
+    stored already squashed to a square (robot.py --record-size, Bridge at 256x256) while the live camera
+    streams its native 4:3 or 5:4 frames (SimplerEnv 640x480 / 640x512), which training squashed the same way.
+    """
+    h, w = int(hw[0]), int(hw[1])
+    if min(h, w) < MIN_CAMERA_PX:
+        raise ValueError(f"camera {view!r} image is {h}x{w} (h x w) pixels: below the minimum of {MIN_CAMERA_PX} "
+                         f"px per side" + (f"; this policy was trained on {trained_hw[0]}x{trained_hw[1]} images"
+                                           if trained_hw else "") + "; pass the camera's full frame")
+    if not trained_hw:
+        if max(h / w, w / h) > 1.05:
+            return (f"camera {view!r}: the checkpoint does not record its training camera size (VLAConfig."
+                    f"camera_sizes is empty: saved before it existed, or not by train.py), so this {h}x{w} image is "
+                    f"squashed to {image_size}x{image_size} unchecked; make sure the training images had the same "
+                    f"aspect ratio")
+        return None
+    h0, w0 = trained_hw
+    aspect, aspect0 = w / h, w0 / h0
+    if max(aspect / aspect0, aspect0 / aspect) > CAMERA_ASPECT_TOLERANCE or h < CAMERA_MIN_SCALE * h0 \
+            or w < CAMERA_MIN_SCALE * w0:
+        raise ValueError(f"camera {view!r} image is {h}x{w} (h x w) pixels, but this policy was trained on "
+                         f"{h0}x{w0} images from that camera (aspect {aspect:.2f} vs {aspect0:.2f}, allowed factor "
+                         f"{CAMERA_ASPECT_TOLERANCE}; at least {CAMERA_MIN_SCALE:g} x the trained size): is it the "
+                         f"right camera and resolution? Crop/resize to {h0}x{w0}, or pass "
+                         f"Policy(check_cameras=False) if the difference is intended")
+    return None
+
+
 class Policy:
     """A trained VLA in closed loop: reset() at each episode/subtask, act(obs, instruction) every step.
 
@@ -848,10 +1009,13 @@ class Policy:
     at every reset() so evaluations are reproducible.
     """
 
-    def __init__(self, vla, stats, execution="chunk", dataset_key=None, n_exec=None, k=0.01, seed=0, cache=True):
+    def __init__(self, vla, stats, execution="chunk", dataset_key=None, n_exec=None, k=0.01, seed=0, cache=True,
+                 check_cameras=True):
         self.vla = vla.eval()
         self.config = vla.config
         self.stats = _select_stats(stats, dataset_key)
+        self.check_cameras = check_cameras  # False: skip check_camera_image (e.g. a 16:9 camera squashed to square)
+        self._warned_cameras = set()
         self.executor = ActionExecutor(execution, n_exec=n_exec, k=k)
         if cache not in (True, False, "approximate"):
             raise ValueError(f"cache must be True (exact per-frame caches, the default), False (recompute the "
@@ -865,8 +1029,10 @@ class Policy:
         self.reset()
 
     @classmethod
-    def from_pretrained(cls, run_dir, execution="chunk", dataset_key=None, device="cpu", **kwargs):
-        vla, stats, _ = load_checkpoint(run_dir, device)
+    def from_pretrained(cls, run_dir, execution="chunk", dataset_key=None, device="cpu", verify=True, **kwargs):
+        """Load a run directory (verified against its manifest.json, see load_checkpoint) as a Policy. Verifying
+        reads every file once more (sha256 ran at ~0.9 GiB/s here: ~7 s for a 6.6 GB Kosmos-2 run)."""
+        vla, stats, _ = load_checkpoint(run_dir, device, verify=verify)
         return cls(vla, stats, execution=execution, dataset_key=dataset_key, **kwargs)
 
     def reset(self):
@@ -886,12 +1052,28 @@ class Policy:
         if missing:
             raise KeyError(f"observation lacks camera(s) {missing}: this policy was trained on views {c.views}, "
                            f"got keys {sorted(obs)}")
-        return torch.stack([data.resize_images(obs[v], c.image_size) for v in c.views])[None]
+        out = []
+        for v in c.views:
+            img = obs[v]
+            if not torch.is_tensor(img):
+                img = np.asarray(img)
+                if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
+                    raise ValueError(f"observation {v!r} must be one uint8 RGB image (h, w, 3), got {img.dtype} "
+                                     f"{img.shape}; convert float images in [0, 1] with (x * 255).round()."
+                                     f"astype(np.uint8)")
+            if self.check_cameras:
+                warn = check_camera_image(v, tuple(img.shape[:2]), c.camera_sizes.get(v), c.image_size)
+                if warn and v not in self._warned_cameras:
+                    self._warned_cameras.add(v)
+                    warnings.warn(warn)
+            out.append(data.resize_images(img, c.image_size))  # any numpy view, negative strides too
+        return torch.stack(out)[None]
 
     @torch.no_grad()
     def predict_chunk(self, obs, instruction, need=True):
         """Update the history with this observation; if `need`, return the newest frame's chunk (L, 7) normalized."""
         if instruction != self.instruction:
+            self.vla.check_context(instruction)  # once per instruction: refuse what does not fit the LM's context
             self.reset()
             self.instruction = instruction
         vla, c = self.vla, self.config
@@ -999,8 +1181,116 @@ def _copy_backbone_files(folder, dst):
     os.replace(tmp, dst)
 
 
-def save_checkpoint(run_dir, vla, stats, extra=None):
-    """Write the checkpoint files into run_dir (each atomically; config.json last marks completeness).
+# ---- digests: manifest.json = {file (relative path): {"bytes": n, "sha256": hex}}, written last ----
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A damaged or invalid run directory; the message names the file (and key) and what to do."""
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(run_dir, names):
+    """Record size + sha256 of each file `names` (paths relative to run_dir) in run_dir/manifest.json,
+    atomically. After editing a checkpoint file on purpose: write_manifest(d, read_manifest(d))."""
+    names = sorted(str(n) for n in names if str(n) != MANIFEST)
+    m = {n: {"bytes": os.path.getsize(os.path.join(run_dir, n)), "sha256": file_sha256(os.path.join(run_dir, n))}
+         for n in names}
+    _atomic_write(os.path.join(run_dir, MANIFEST), lambda p: open(p, "w").write(json.dumps(m, indent=1)))
+    return m
+
+
+def read_manifest(run_dir):
+    """run_dir/manifest.json -> {name: {"bytes", "sha256"}}, or None when the directory has none (older runs)."""
+    path = os.path.join(run_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            m = json.load(f)
+        if not isinstance(m, dict) or not all(isinstance(e, dict) and {"bytes", "sha256"} <= set(e)
+                                              for e in m.values()):
+            raise ValueError("expected {file: {'bytes': n, 'sha256': hex}}")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e}); the run directory's digests are damaged: copy the run "
+                              f"directory again, or delete {MANIFEST} to load it unverified") from None
+    return m
+
+
+def verify_manifest(run_dir, required=()):
+    """Check every file listed in run_dir/manifest.json (size, then sha256: one read of each file).
+    Raises CheckpointError naming the first file that does not match; returns False (after a warning) for a run
+    directory without a manifest (written before digests were stored, or by hand), True when verified."""
+    m = read_manifest(run_dir)
+    if m is None:
+        warnings.warn(f"{run_dir} has no {MANIFEST} (saved by an older version, or assembled by hand): its files "
+                      f"are loaded unverified. Re-save it with vla.save_checkpoint to store their digests")
+        return False
+    for name in required:
+        if name not in m:
+            raise CheckpointError(f"{os.path.join(run_dir, MANIFEST)} does not list {name}: the manifest belongs "
+                                  f"to another save; copy the run directory again")
+    for name, e in sorted(m.items()):
+        path = os.path.join(run_dir, name)
+        fix = (f"the file changed after it was saved (a damaged copy or disk, or an interrupted save). Copy the run "
+               f"directory again or use a checkpoint from {os.path.join(run_dir, 'checkpoints', 'step_*')}; if you "
+               f"edited it on purpose: vla.write_manifest(d, vla.read_manifest(d)) records the new digests")
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path} is missing but listed in {MANIFEST}: copy the run directory again")
+        size = os.path.getsize(path)
+        if size != e["bytes"]:
+            raise CheckpointError(f"{path} has {size} bytes, {MANIFEST} says {e['bytes']} (truncated?): {fix}")
+        if file_sha256(path) != e["sha256"]:
+            raise CheckpointError(f"{path} does not match its sha256 in {MANIFEST}: {fix}")
+    return True
+
+
+def check_action_stats(stats, where):
+    """Refuse action statistics that would make the policy emit NaN or garbage: {dataset_key: {"q01": [7 finite
+    floats], "q99": [...], ...}} with q01 <= q99. where: the file, for the message."""
+    if not isinstance(stats, dict) or not stats:
+        raise CheckpointError(f"{where}: expected {{dataset_key: statistics}}, got {type(stats).__name__} "
+                              f"{str(stats)[:80]}")
+    for key, st in stats.items():
+        if not isinstance(st, dict):
+            raise CheckpointError(f"{where}: dataset {key!r} has {type(st).__name__} statistics, expected an object")
+        for k in ("q01", "q99", "mean", "std", "min", "max"):
+            if k not in st:
+                if k in ("q01", "q99"):
+                    raise CheckpointError(f"{where}: dataset {key!r} lacks key {k!r} (has {sorted(st)}); recompute "
+                                          f"the statistics with vla.compute_action_stats")
+                continue
+            v = st[k]
+            if not (isinstance(v, list) and len(v) == ACTION_DIM
+                    and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)):
+                n = len(v) if isinstance(v, list) else type(v).__name__
+                raise CheckpointError(f"{where}: dataset {key!r} key {k!r} must be a list of {ACTION_DIM} numbers "
+                                      f"(one per action dim), got {n}: {str(v)[:80]}; recompute the statistics "
+                                      f"with vla.compute_action_stats on the training actions (N, {ACTION_DIM})")
+            bad = [i for i, x in enumerate(v) if not math.isfinite(x)]
+            if bad:
+                raise CheckpointError(f"{where}: dataset {key!r} key {k!r} has NaN/inf in dim(s) {bad}: {v}; the "
+                                      f"policy would emit NaN actions. Recompute the statistics from the data")
+        lo, hi = np.asarray(st["q01"]), np.asarray(st["q99"])
+        if (lo > hi).any():
+            i = int(np.argmax(lo > hi))
+            raise CheckpointError(f"{where}: dataset {key!r} has q01 > q99 in dim {i} ({lo[i]} > {hi[i]}); the "
+                                  f"statistics are damaged: recompute them")
+    return stats
+
+
+def save_checkpoint(run_dir, vla, stats, extra=None, manifest=True):
+    """Write the checkpoint files into run_dir (each atomically), then manifest.json (size + sha256 of each, last):
+    load_checkpoint verifies every file against it. manifest=False: the caller writes one covering more files
+    (train.py's checkpoints/step_N), so the weights are hashed once.
 
     stats: {dataset_key: stats dict from compute_action_stats}; extra: JSON-able dict (step, metrics, ...).
     """
@@ -1008,6 +1298,7 @@ def save_checkpoint(run_dir, vla, stats, extra=None):
             not all(isinstance(s, dict) and "q01" in s for s in stats.values()):
         raise ValueError("save_checkpoint needs stats as {dataset_key: compute_action_stats(...)}, e.g. "
                          "{'metaworld': stats}; got " + repr(stats)[:200])
+    check_action_stats(stats, "save_checkpoint(stats=...)")
     os.makedirs(run_dir, exist_ok=True)
     _atomic_write(os.path.join(run_dir, "model.safetensors"), lambda p: save_weights(vla, p))
     _atomic_write(os.path.join(run_dir, vla.backbone.tokenizer_filename), vla.backbone.tokenizer.save)
@@ -1015,33 +1306,63 @@ def save_checkpoint(run_dir, vla, stats, extra=None):
     def dump(obj):
         return lambda p: open(p, "w").write(json.dumps(obj, indent=1))
     _atomic_write(os.path.join(run_dir, "action_stats.json"), dump(stats))
+    names = ["model.safetensors", vla.backbone.tokenizer_filename, "action_stats.json", "config.json"]
     if os.path.isdir(os.path.expanduser(vla.config.backbone)):  # a pretrained folder: keep its small files
         _copy_backbone_files(os.path.expanduser(vla.config.backbone), os.path.join(run_dir, "backbone"))
+        names += [os.path.join("backbone", f) for f in os.listdir(os.path.join(run_dir, "backbone"))]
     cfg = {"format": CHECKPOINT_FORMAT, "config": dataclasses.asdict(vla.config), "extra": extra or {}}
     _atomic_write(os.path.join(run_dir, "config.json"), dump(cfg))
+    if manifest:
+        write_manifest(run_dir, names)
 
 
-def load_checkpoint(run_dir, device="cpu"):
-    """-> (vla in eval mode, stats {dataset_key: stats}, extra dict)."""
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise CheckpointError(f"{path}: not valid JSON{where}: {getattr(e, 'msg', e)}; the file is damaged or was "
+                              f"edited by hand: restore it from the run's checkpoints/step_* copy") from None
+
+
+def load_checkpoint(run_dir, device="cpu", verify=True):
+    """-> (vla in eval mode, stats {dataset_key: stats}, extra dict).
+
+    Every file is first checked against manifest.json (verify=False skips it; a run directory without a
+    manifest loads with a warning); then config.json is validated like the flags (VLAConfig.from_dict) and
+    action_stats.json like fresh statistics (check_action_stats). Errors name the file and key."""
+    run_dir = str(run_dir)
     need = ["config.json", "model.safetensors", "action_stats.json"]
     missing = [f for f in need if not os.path.isfile(os.path.join(run_dir, f))]
     if missing:
         raise FileNotFoundError(f"{run_dir} is not a complete checkpoint: missing {missing} (written by "
                                 f"vla.save_checkpoint; config.json is written last)")
-    with open(os.path.join(run_dir, "config.json")) as f:
-        cfg = json.load(f)
-    if cfg.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{run_dir}/config.json is not a {CHECKPOINT_FORMAT} checkpoint config")
-    config = VLAConfig.from_dict(cfg["config"])
+    if verify:
+        verify_manifest(run_dir, required=need)
+    cfg_path = os.path.join(run_dir, "config.json")
+    cfg = _read_json(cfg_path)
+    if not isinstance(cfg, dict) or cfg.get("format") != CHECKPOINT_FORMAT or "config" not in cfg:
+        raise CheckpointError(f"{cfg_path} is not a {CHECKPOINT_FORMAT} checkpoint config (expected an object with "
+                              f"\"format\": \"{CHECKPOINT_FORMAT}\" and \"config\")")
+    try:
+        config = VLAConfig.from_dict(cfg["config"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{cfg_path}: \"config\": {e}") from None
+    stats_path = os.path.join(run_dir, "action_stats.json")
+    stats = check_action_stats(_read_json(stats_path), stats_path)
     tok_file = os.path.join(run_dir, backbones.TinyVLM.tokenizer_filename)
     folder = os.path.join(run_dir, "backbone")  # a pretrained backbone's config + tokenizer (save_checkpoint)
     vla = VLA(config, tokenizer_path=tok_file if os.path.isfile(tok_file) else None,
               backbone_folder=folder if os.path.isfile(os.path.join(folder, "config.json")) else None)
+    weights = os.path.join(run_dir, "model.safetensors")
     try:
-        load_weights(vla, os.path.join(run_dir, "model.safetensors"))
+        load_weights(vla, weights)
     except RuntimeError as e:
-        raise RuntimeError(f"weights in {run_dir}/model.safetensors do not fit the model built from its "
+        raise RuntimeError(f"weights in {weights} do not fit the model built from its "
                            f"config.json ({e}); was the checkpoint written by another version?") from None
-    with open(os.path.join(run_dir, "action_stats.json")) as f:
-        stats = json.load(f)
+    except Exception as e:  # safetensors' own errors (a truncated or overwritten file): name the file
+        raise CheckpointError(f"{weights}: cannot read the weights ({type(e).__name__}: {e}); the file is truncated "
+                              f"or not a safetensors file: copy the run directory again or use a checkpoint from "
+                              f"{os.path.join(run_dir, 'checkpoints', 'step_*')}") from None
     return vla.to(device).eval(), stats, cfg.get("extra", {})

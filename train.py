@@ -381,9 +381,11 @@ class CheckpointWriteError(RuntimeError):
 class StopRequested(Exception):
     """SIGINT or SIGTERM arrived: the loop finished its step, wrote a checkpoint and stopped."""
 
-    def __init__(self, signum, step, ckpt):
+    def __init__(self, signum, step, ckpt):  # signum None: the signal reached another rank only
         super().__init__(f"stopped by signal {signum} after step {step}")
-        self.signum, self.signame, self.step, self.ckpt = signum, signal.Signals(signum).name, step, ckpt
+        self.signum = signum or signal.SIGTERM
+        self.signame = signal.Signals(signum).name if signum else "a signal to another rank"
+        self.step, self.ckpt = step, ckpt
 
 
 @contextlib.contextmanager
@@ -765,9 +767,9 @@ def train(args, model, dataset, run_dir, device, rank=0, world=1, stats=None, si
                                          args.fsdp, args.keep_ckpts)
         if stop:
             bar.close()
-            raise StopRequested(signals[0] if signals else signal.SIGTERM, step + 1, last_ckpt)
+            raise StopRequested(signals[0] if signals else None, step + 1, last_ckpt)
     if any_rank(signals, world):  # a signal during the last step's checkpoint: training is complete; stop here
-        raise StopRequested(signals[0] if signals else signal.SIGTERM, args.steps, last_ckpt)
+        raise StopRequested(signals[0] if signals else None, args.steps, last_ckpt)
     if tb is not None:
         tb.close()
     if log is not None and log.rows:  # the whole run's curve (a resumed run's CSV holds the earlier steps too)
@@ -881,18 +883,18 @@ def main(argv=None):
     print(f"model: {n_params / 1e6:.2f}M parameters ({sum(p.numel() for p in model.trainable_parameters()) / 1e6:.2f}M "
           f"trainable) on {device}")
     t1 = time.time()
-    try:
-        with stop_signals(announce=rank == 0) as signals:  # SIGINT/SIGTERM: finish the step, checkpoint, stop
+    with stop_signals(announce=rank == 0) as signals:  # SIGINT/SIGTERM: finish the step, checkpoint, stop
+        try:  # (inside: a launcher's further signals must not cut the message short)
             train(args, model, dataset, run_dir, device, rank, world, stats, signals)
-    except (NonFiniteLoss, CheckpointWriteError) as e:
-        raise SystemExit(f"error: {e}") from None
-    except StopRequested as e:  # SIGINT / SIGTERM: the step finished and a checkpoint holds it
-        launcher = f"torchrun --nproc_per_node={world} train.py" if world > 1 else "python train.py"
-        if rank == 0:
-            print(f"train.py: stopped by {e.signame} after step {e.step} of {args.steps}"
-                  + (" (training was complete; evaluation skipped)" if e.step >= args.steps else "")
-                  + f"; checkpoint {e.ckpt}. Continue with: {launcher} --resume {run_dir}", file=sys.stderr)
-        raise SystemExit(128 + e.signum) from None  # the shell's convention: 130 = SIGINT, 143 = SIGTERM
+        except (NonFiniteLoss, CheckpointWriteError) as e:
+            raise SystemExit(f"error: {e}") from None
+        except StopRequested as e:  # the step finished and a checkpoint holds it
+            launcher = f"torchrun --nproc_per_node={world} train.py" if world > 1 else "python train.py"
+            if rank == 0:
+                print(f"train.py: stopped by {e.signame} after step {e.step} of {args.steps}"
+                      + (" (training was complete; evaluation skipped)" if e.step >= args.steps else "")
+                      + f"; checkpoint {e.ckpt}. Continue with: {launcher} --resume {run_dir}", file=sys.stderr)
+            raise SystemExit(128 + e.signum) from None  # the shell's convention: 130 = SIGINT, 143 = SIGTERM
     t_train = time.time() - t1
     print(f"training: {args.steps} steps in {t_train:.0f} s; checkpoint in {run_dir}")
     t_eval = 0.0

@@ -18,6 +18,9 @@ Scale-out and faults (tests/test_scale.py):
       config, action statistics of every dataset, optimizer, scheduler, step, RNG of every rank, manifest.
   python train.py --resume RUN_DIR   continues bit-exactly from the newest undamaged checkpoint (a damaged
       one is skipped with a warning). A NaN/inf loss stops the run, naming the step and the last checkpoint.
+  Ctrl-C / SIGTERM: the step finishes, a checkpoint is written, the run exits 130 / 143 naming the resume
+      command. A full disk during a checkpoint removes the partial directory and says so. A new run refuses an
+      --out that holds another run; every numeric flag is range-checked (FLAG_RANGES) before any work.
   Recipes (§II-E): --data A.h5 (finetune), --data A.h5 B.h5 --data-weights 3 1 (co-train),
       --init-from CO_TRAINED_RUN --data A.h5 (post-train).
   Hidden test hooks: --debug-nan-at-step N (the N-th step's loss becomes NaN), --debug-kill-at-step N

@@ -147,6 +147,23 @@ def test_reused_out_is_refused_and_says_how_to_resume(toy, tmp_path):
     train.check_out_dir(train.parse_args(flags(toy, failed, 1)))
 
 
+def test_findings_sweep_clears_an_interrupted_run_before_training_it_again(tmp_path):
+    """benchmarks/findings.py re-trains a forced or interrupted run in its own directory: it first removes what
+    train.py would refuse (checkpoints, weights, metrics), keeping its own log and lock."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import findings
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    for f in ("model.safetensors", "metrics.csv", "train.log", "findings_time.json"):
+        (run / f).write_text("x")
+    args = train.parse_args(["--out", str(run)])
+    with pytest.raises(SystemExit, match="already holds a training run"):
+        train.check_out_dir(args)
+    findings.clear_training(run)
+    train.check_out_dir(args)
+    assert sorted(p.name for p in run.iterdir()) == ["findings_time.json", "train.log"]
+
+
 # -----------------------------------------------------------------------------------------------------------
 # command line: SIGINT / SIGTERM during training
 # -----------------------------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ assert r.render().shape == (8, 8, 3)
 _RENDER_CHECKED = set()  # environments (MUJOCO_GL, ...) already probed successfully in this process
 
 
-def check_rendering(needed_for="Meta-World demonstrations and evaluation"):
+def check_rendering(needed_for="the Meta-World demonstrations and evaluation"):
     """Fail fast, with what to install or set, when MuJoCo cannot render offscreen on this machine.
 
     Without OSMesa (a fresh Debian/Ubuntu box) PyOpenGL finds no library and the first frame, rendered inside a
@@ -121,7 +121,7 @@ def check_rendering(needed_for="Meta-World demonstrations and evaluation"):
                   "MUJOCO_GL=osmesa (`apt-get install libosmesa6`) instead"}.get(
         backend.lower(), "set MUJOCO_GL=osmesa (CPU, `apt-get install libosmesa6`) or MUJOCO_GL=egl (NVIDIA GPU)")
     raise RuntimeError(f"MuJoCo cannot render offscreen with MUJOCO_GL={backend} on this machine ({err}); "
-                       f"{needed_for} need it. To fix: {fix}")
+                       f"it is needed for {needed_for}. To fix: {fix}")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -1366,7 +1366,7 @@ def main(argv=None):
         raise SystemExit(f"--ckpt {args.ckpt!r} is not a directory; pass a run directory written by train.py")
     if args.benchmark == "metaworld":
         try:  # before loading anything: a missing OpenGL library otherwise fails inside the worker pool
-            check_rendering("Meta-World evaluation episodes")
+            check_rendering("the Meta-World evaluation episodes")
         except RuntimeError as e:
             raise SystemExit(f"error: {e}") from None
         tasks = args.tasks.split(",") if args.tasks else None

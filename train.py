@@ -836,9 +836,8 @@ def main(argv=None):
     check_out_dir(args)  # before any work: a new run must not mix into another run's directory
     if needs_rendering(args):  # ... and not die after minutes inside a worker pool for want of OpenGL
         try:
-            evaluate.check_rendering("Meta-World demonstrations and train.py's closed-loop evaluation"
-                                     + ("" if args.data else " (train on --data files with --eval-episodes 0 "
-                                                            "to need none)"))
+            evaluate.check_rendering("the Meta-World demonstrations and closed-loop evaluation (a run on --data "
+                                     "files with --eval-episodes 0 renders nothing)")
         except RuntimeError as e:
             raise SystemExit(f"error: {e}") from None
     rank, world, device = setup_distributed(args.device)  # torchrun: one process per GPU / CPU slot

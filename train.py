@@ -502,7 +502,7 @@ def save_train_state(run_dir, step, net, model, opt, sched, stats, args, rank=0,
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-    except OSError as e:
+    except Exception as e:
         failed.append(e)
     written()
     try:
@@ -512,7 +512,7 @@ def save_train_state(run_dir, step, net, model, opt, sched, stats, args, rank=0,
             torch.save({"step": step, "optimizer": optim_sd, "scheduler": sched.state_dict(), "world_size": world,
                         "data_position": {"global_batch": args.batch, "samples_seen": step * args.batch},
                         "args": vars(args)}, tmp / "train_state.pt")
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError (inline_container.cc)
+    except Exception as e:  # a full disk: OSError, RuntimeError (torch.save), SafetensorError (safetensors)
         failed.append(e)
     written()
     try:
@@ -525,7 +525,7 @@ def save_train_state(run_dir, step, net, model, opt, sched, stats, args, rank=0,
             for old in sorted(ck.glob("step_*"))[:-keep] if keep > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
             vla.save_checkpoint(run_dir, model, stats, extra=extra)
-    except (OSError, RuntimeError) as e:
+    except Exception as e:
         failed.append(e)
     written()
     return final

@@ -278,16 +278,26 @@ def test_resume_without_a_checkpoint_drops_the_old_rows(toy, tmp_path):
 # command line: a full disk during a checkpoint
 # -----------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("failure", ["ENOSPC", "torch"])
+@pytest.mark.parametrize("failure", ["ENOSPC", "torch", "safetensors"])
 def test_full_disk_during_checkpoint_keeps_the_last_good_one(toy, tmp_path, monkeypatch, failure):
-    """Checkpoint step 4 fails half-way through train_state.pt, as on a full disk: with OSError(ENOSPC), or as
-    torch.save reports it (RuntimeError from inline_container.cc, with no errno; the free space tells). The
-    partial directory is removed, the message says "no space left" and where, and step 2 stays the run's
-    newest checkpoint (and the top-level weights)."""
-    real_save = torch.save
+    """Checkpoint step 4 fails half-way, as on a full disk: train_state.pt with OSError(ENOSPC), or as torch.save
+    reports it (RuntimeError from inline_container.cc, with no errno; the free space tells); or model.safetensors
+    as safetensors reports it (SafetensorError, what a 26 MiB tmpfs gave). The partial directory is removed, the
+    message says "no space left" and where, and step 2 stays the run's newest checkpoint (and top-level weights)."""
+    import safetensors
+    import safetensors.torch
+    real_save, real_save_file = torch.save, safetensors.torch.save_file
+
+    def save_file(tensors, path, *a, **k):
+        if failure == "safetensors" and ".tmp_step_00000004" in str(path):
+            Path(path).write_bytes(b"\0" * 4096)
+            raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device "
+                                              "(os error 28)")
+        return real_save_file(tensors, path, *a, **k)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
 
     def save(obj, f, *a, **k):
-        if Path(f).name == "train_state.pt" and obj.get("step") == 4:
+        if Path(f).name == "train_state.pt" and obj.get("step") == 4 and failure != "safetensors":
             Path(f).write_bytes(b"\0" * 4096)  # the part that made it to disk
             if failure == "ENOSPC":
                 raise OSError(errno.ENOSPC, "No space left on device", str(f))

@@ -81,6 +81,49 @@ def close_renderer():
         _RENDERER = None
 
 
+# Renders one 8x8 frame of a one-geom scene: the same import and renderer creation a worker does first.
+_RENDER_PROBE = """
+import mujoco
+m = mujoco.MjModel.from_xml_string('<mujoco><worldbody><geom size="0.1"/></worldbody></mujoco>')
+r = mujoco.Renderer(m, 8, 8)
+r.update_scene(mujoco.MjData(m))
+assert r.render().shape == (8, 8, 3)
+"""
+_RENDER_CHECKED = set()  # environments (MUJOCO_GL, ...) already probed successfully in this process
+
+
+def check_rendering(needed_for="the Meta-World demonstrations and evaluation"):
+    """Fail fast, with what to install or set, when MuJoCo cannot render offscreen on this machine.
+
+    Without OSMesa (a fresh Debian/Ubuntu box) PyOpenGL finds no library and the first frame, rendered inside a
+    worker pool after seconds of set-up, dies with "AttributeError: 'NoneType' object has no attribute
+    'glGetError'". The probe renders one frame in a fresh interpreter with this process's environment
+    (MUJOCO_GL, PYOPENGL_PLATFORM, LD_LIBRARY_PATH): a GL library that fails to load can leave PyOpenGL and
+    mujoco half-imported, so trying it in this process could break a later fix-and-retry. ~0.3 s, once per
+    environment. Returns the backend (MUJOCO_GL); raises RuntimeError naming the fix."""
+    import subprocess
+    backend = os.environ.get("MUJOCO_GL", "")
+    key = tuple(os.environ.get(k, "") for k in ("MUJOCO_GL", "PYOPENGL_PLATFORM", "LD_LIBRARY_PATH"))
+    if key in _RENDER_CHECKED:
+        return backend
+    try:
+        p = subprocess.run([sys.executable, "-c", _RENDER_PROBE], capture_output=True, text=True, timeout=120)
+        lines = (p.stderr or p.stdout).strip().splitlines()
+        err = None if p.returncode == 0 else (lines[-1] if lines else f"exit code {p.returncode}")
+    except subprocess.TimeoutExpired:
+        err = "rendering one 8x8 frame took over 120 s"
+    if err is None:
+        _RENDER_CHECKED.add(key)
+        return backend
+    fix = {"osmesa": "install OSMesa: `apt-get install libosmesa6` (Debian/Ubuntu; `dnf install mesa-libOSMesa` "
+                     "on Fedora); on a machine with an NVIDIA GPU set MUJOCO_GL=egl instead",
+           "egl": "install EGL: `apt-get install libegl1` (needs an NVIDIA driver); on a CPU machine set "
+                  "MUJOCO_GL=osmesa (`apt-get install libosmesa6`) instead"}.get(
+        backend.lower(), "set MUJOCO_GL=osmesa (CPU, `apt-get install libosmesa6`) or MUJOCO_GL=egl (NVIDIA GPU)")
+    raise RuntimeError(f"MuJoCo cannot render offscreen with MUJOCO_GL={backend} on this machine ({err}); "
+                       f"it is needed for {needed_for}. To fix: {fix}")
+
+
 # -----------------------------------------------------------------------------------------------------------
 # 2. Meta-World (v3, gymnasium API): adapter, scripted experts, demonstrations, evaluation protocol
 # -----------------------------------------------------------------------------------------------------------
@@ -1440,6 +1483,10 @@ def main(argv=None):
     if not Path(args.ckpt).is_dir():
         raise SystemExit(f"--ckpt {args.ckpt!r} is not a directory; pass a run directory written by train.py")
     if args.benchmark == "metaworld":
+        try:  # before loading anything: a missing OpenGL library otherwise fails inside the worker pool
+            check_rendering("the Meta-World evaluation episodes")
+        except RuntimeError as e:
+            raise SystemExit(f"error: {e}") from None
         tasks = args.tasks.split(",") if args.tasks else None
         rank, _ = _init_distributed()  # torchrun --nproc_per_node=N evaluate.py ...: episodes sharded over ranks
         _, text = run_metaworld_eval(args.ckpt, args.episodes, args.seed, args.execution, tasks, args.out,

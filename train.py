@@ -18,6 +18,9 @@ Scale-out and faults (tests/test_scale.py):
       config, action statistics of every dataset, optimizer, scheduler, step, RNG of every rank, manifest.
   python train.py --resume RUN_DIR   continues bit-exactly from the newest undamaged checkpoint (a damaged
       one is skipped with a warning). A NaN/inf loss stops the run, naming the step and the last checkpoint.
+  Ctrl-C / SIGTERM: the step finishes, a checkpoint is written, the run exits 130 / 143 naming the resume
+      command. A full disk during a checkpoint removes the partial directory and says so. A new run refuses an
+      --out that holds another run; every numeric flag is range-checked (FLAG_RANGES) before any work.
   Recipes (§II-E): --data A.h5 (finetune), --data A.h5 B.h5 --data-weights 3 1 (co-train),
       --init-from CO_TRAINED_RUN --data A.h5 (post-train).
   Hidden test hooks: --debug-nan-at-step N (the N-th step's loss becomes NaN), --debug-kill-at-step N
@@ -134,7 +137,49 @@ def parse_args(argv=None):
         args.tasks, args.views = (v if isinstance(v, str) else ",".join(v) for v in (args.tasks, args.views))
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.views = [v for v in args.views.split(",") if v]
+    check_flags(p, args)
     return args
+
+
+# The allowed range of every numeric flag ("lo..hi" inclusive). Checked before any work: --steps -5 used to exit 0
+# having trained nothing, --batch 0 and --ckpt-every 0 ended in ZeroDivisionError after the data was built.
+FLAG_RANGES = {
+    "window": ">= 1", "chunk": ">= 1", "image_size": ">= 1", "demos_per_task": ">= 1", "demo_noise": ">= 0",
+    "workers": ">= 0", "steps": ">= 1", "batch": ">= 1", "lr": ">= 0", "weight_decay": ">= 0", "warmup": ">= 0",
+    "clip": "> 0", "seed": "0..4294967295",  # numpy seeds are 32-bit
+    "threads": ">= 0", "loader_workers": ">= -1", "ckpt_every": ">= 1", "log_every": ">= 1",
+    "eval_episodes": "0..1000", "eval_seed": "0..999",  # evaluate.eval_seeds: 1000 seeds per evaluation seed
+    "max_steps": ">= 1", "data_weights": "> 0", "keep_ckpts": ">= 0", "grad_accum": ">= 1",
+}
+
+
+def in_range(v, rule):
+    """Is the number v finite and within `rule` (">= a", "> a" or "a..b")?"""
+    if not math.isfinite(v):
+        return False
+    if ".." in rule:
+        lo, hi = map(float, rule.split(".."))
+        return lo <= v <= hi
+    op, bound = rule.split()
+    return v >= float(bound) if op == ">=" else v > float(bound)
+
+
+def check_flags(p, args):
+    """argparse error (exit 2) naming the flag, its allowed range and the value given, for any numeric flag
+    outside FLAG_RANGES; also --batch must split evenly over --grad-accum and the torchrun processes."""
+    numeric = [a.dest for a in p._actions if a.type in (int, float) and a.help != argparse.SUPPRESS]
+    unchecked = [d for d in numeric if d not in FLAG_RANGES]
+    assert not unchecked, f"add the allowed range of {unchecked} to train.FLAG_RANGES"
+    for dest in numeric:
+        value = getattr(args, dest, None)
+        for v in value if isinstance(value, list) else [] if value is None else [value]:
+            if not in_range(v, FLAG_RANGES[dest]):
+                rule = FLAG_RANGES[dest]
+                p.error(f"--{dest.replace('_', '-')} must be {'in ' + rule if '..' in rule else rule}, got {v}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch % (args.grad_accum * world):
+        p.error(f"--batch {args.batch} (the global batch) must be a multiple of --grad-accum {args.grad_accum}"
+                + (f" x {world} torchrun processes" if world > 1 else ""))
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -266,7 +311,8 @@ def micro_batches(dataset, global_batch, accum, rank, world, seed, start_step=0,
         idx = rank_batches(len(dataset), global_batch, accum, rank, world, seed, epoch)[b0 * accum:]
         # own generator: creating the loader must not consume the global RNG (exact resume)
         yield from torch.utils.data.DataLoader(dataset, batch_sampler=idx, num_workers=workers,
-                                               generator=torch.Generator().manual_seed(seed + epoch))
+                                               generator=torch.Generator().manual_seed(seed + epoch),
+                                               worker_init_fn=ignore_stop_signals if workers else None)
         epoch, b0 = epoch + 1, 0
 
 
@@ -346,6 +392,64 @@ class NonFiniteLoss(RuntimeError):
     """The loss or the gradient norm became NaN/inf: the run stops before the optimizer steps."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (e.g. no space left); its partial directory was removed."""
+
+
+class StopRequested(Exception):
+    """SIGINT or SIGTERM arrived: the loop finished its step, wrote a checkpoint and stopped."""
+
+    def __init__(self, signum, step, ckpt):  # signum None: the signal reached another rank only
+        super().__init__(f"stopped by signal {signum} after step {step}")
+        self.signum = signum or signal.SIGTERM
+        self.signame = signal.Signals(signum).name if signum else "a signal to another rank"
+        self.step, self.ckpt = step, ckpt
+
+
+@contextlib.contextmanager
+def stop_signals(announce=True):
+    """While training, the first SIGINT (Ctrl-C) or SIGTERM (a cluster scheduler's notice) only records itself
+    in the yielded list: the loop then finishes its step, checkpoints and stops, so a resume loses nothing. A
+    second Ctrl-C stops at once (KeyboardInterrupt). Handlers can only be set in the main thread."""
+    import threading
+    got = []
+
+    def handler(signum, frame):
+        if got and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if not got and announce:  # os.write: print() could re-enter a print the signal interrupted
+            os.write(2, f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+                        f"(Ctrl-C again to quit at once)\n".encode())
+        got.append(signum)
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader worker_init_fn: Ctrl-C and a scheduler's SIGTERM reach the whole process group; a worker killed
+    by them would fail the main process's next batch, so workers leave the stop to the main process (which shuts
+    them down when its loader goes away)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def any_rank(flag, world):
+    """True on every rank if `flag` is true on any rank (a collective under torchrun: every rank calls it)."""
+    if world == 1:
+        return bool(flag)
+    dev = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"  # nccl reduces CUDA tensors only
+    t = torch.tensor([float(bool(flag))], device=dev)
+    torch.distributed.all_reduce(t)
+    return t.item() > 0
+
+
 def rng_state():
     """Every RNG the run draws from, as tensors and plain Python values, so torch.load(weights_only=True) reads it
     back (numpy's key array becomes a tensor: a pickled ndarray would need the unsafe full unpickler)."""
@@ -391,37 +495,93 @@ def save_train_state(run_dir, step, net, model, opt, sched, stats, args, rank=0,
     train_state.pt (optimizer, scheduler, step, data position, flags), rng_rank<r>.pt per process, and
     manifest.json (size + sha256 of each file, written last) by which a resume detects a damaged checkpoint.
     The run directory's top level gets the same weights (what evaluate.py and Policy.from_pretrained read).
-    Keeps the newest `keep` checkpoints. Every rank must call it."""
+    Keeps the newest `keep` checkpoints. Every rank must call it.
+    A write that fails on any rank (a full disk above all) stops every rank at the next barrier with
+    CheckpointWriteError, after rank 0 removed the partial directory; the previous checkpoints stay as they were."""
     ck = Path(run_dir) / "checkpoints"
     final, tmp = ck / f"step_{step:08d}", ck / f".tmp_step_{step:08d}"
     model_sd, optim_sd = full_state(net, model, opt, fsdp)
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(world)
-    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-    if rank == 0:
-        if fsdp:  # the sharded module cannot be saved as is: load the gathered weights into a plain CPU copy
-            if not hasattr(save_train_state, "shadow"):
-                with torch.random.fork_rng(devices=[]):  # building it must not move the training RNG
-                    save_train_state.shadow = vla.VLA(model.config)
-            model = save_train_state.shadow
-            model.load_state_dict(model_sd)
-        extra = {"step": step}
-        vla.save_checkpoint(tmp, model, stats, extra=extra, manifest=False)  # the manifest below covers all files
-        torch.save({"step": step, "optimizer": optim_sd, "scheduler": sched.state_dict(), "world_size": world,
-                    "data_position": {"global_batch": args.batch, "samples_seen": step * args.batch},
-                    "args": vars(args)}, tmp / "train_state.pt")
-    barrier(world)
-    if rank == 0:
-        vla.write_manifest(tmp, [f.relative_to(tmp) for f in tmp.rglob("*") if f.is_file()])  # incl. backbone/
-        shutil.rmtree(final, ignore_errors=True)  # a damaged checkpoint of this step left by an earlier attempt
-        os.replace(tmp, final)  # the atomic step: readers see no checkpoint or a complete one
-        for old in sorted(ck.glob("step_*"))[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-        vla.save_checkpoint(run_dir, model, stats, extra=extra)
-    barrier(world)
+    if rank == 0 and fsdp:  # the sharded module cannot be saved as is: the gathered weights into a plain CPU copy
+        if not hasattr(save_train_state, "shadow"):
+            with torch.random.fork_rng(devices=[]):  # building it must not move the training RNG
+                save_train_state.shadow = vla.VLA(model.config)
+        model = save_train_state.shadow
+        model.load_state_dict(model_sd)
+    extra, failed = {"step": step}, []  # failed: this rank's write error
+    need = sum(t.numel() * t.element_size() for t in _tensors([model_sd, optim_sd]))  # ~ the checkpoint's bytes
+
+    def written():  # the barrier between the phases: every rank learns whether any rank's writes failed
+        if any_rank(failed, world):
+            raise checkpoint_write_error(failed[0] if failed else None, ck, step, tmp, rank, need)
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    except Exception as e:
+        failed.append(e)
+    written()
+    try:
+        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+        if rank == 0:
+            vla.save_checkpoint(tmp, model, stats, extra=extra, manifest=False)  # the manifest below covers all
+            torch.save({"step": step, "optimizer": optim_sd, "scheduler": sched.state_dict(), "world_size": world,
+                        "data_position": {"global_batch": args.batch, "samples_seen": step * args.batch},
+                        "args": vars(args)}, tmp / "train_state.pt")
+    except Exception as e:  # a full disk: OSError, RuntimeError (torch.save), SafetensorError (safetensors)
+        failed.append(e)
+    written()
+    try:
+        if rank == 0:
+            vla.write_manifest(tmp, [f.relative_to(tmp) for f in tmp.rglob("*") if f.is_file()])  # incl. backbone/
+            shutil.rmtree(final, ignore_errors=True)  # a damaged checkpoint of this step left by an earlier attempt
+            os.replace(tmp, final)  # the atomic step: readers see no checkpoint or a complete one
+            for old in sorted(ck.glob("step_*"))[:-keep] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+            vla.save_checkpoint(run_dir, model, stats, extra=extra)
+    except Exception as e:
+        failed.append(e)
+    written()
     return final
+
+
+def _tensors(obj):
+    """Every tensor inside nested dicts / lists / tuples (a state dict, an optimizer state dict)."""
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def checkpoint_write_error(err, ck, step, tmp, rank, need):
+    """-> CheckpointWriteError for a failed checkpoint write (rank 0 first removes the partial directory). It
+    says "no space left" when the disk is full: ENOSPC, or torch.save's bare "[enforce fail at
+    inline_container.cc] ... file write failed" with less free space than the checkpoint needs."""
+    import errno
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a partial checkpoint would keep filling the disk
+    good = sorted(ck.glob("step_*"))
+    last = good[-1] if good else "none (no checkpoint was written yet)"
+    if err is None:
+        return CheckpointWriteError(f"checkpoint step {step} failed on another rank (see its error); the last good "
+                                    f"checkpoint is {last}")
+    try:
+        free = shutil.disk_usage(ck if ck.is_dir() else ck.parent).free
+    except OSError:
+        free = None
+    full = (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(err) \
+        or (free is not None and free < need)
+    what = str(err).splitlines()[0][:300]
+    space = f"{free / 2**20:.0f} MiB free there, a checkpoint needs about {need / 2**20:.0f} MiB. " \
+        if free is not None else ""
+    head = (f"no space left on the device of {ck} while writing checkpoint step {step} ({what}); {space}"
+            if full else f"writing checkpoint step {step} into {ck} failed ({what}); ")
+    return CheckpointWriteError(f"{head}Removed the partial {tmp.name}; the last good checkpoint is {last}. "
+                                f"{'Free some space' if full else 'Fix the cause'}, then continue with: "
+                                f"python train.py --resume {ck.parent}")
 
 
 def verify_checkpoint(d):
@@ -482,20 +642,21 @@ def load_train_state(ckpt_dir, net, model, opt, sched, rank=0, fsdp=False):
     return state["step"]
 
 
-def check_finite(step, world, device, loss, gnorm, last_ckpt):
+def check_finite(step, world, device, loss, gnorm, last_ckpt, stop=False):
     """Stop (NonFiniteLoss) if the loss or gradient norm is NaN/inf on any rank, before the optimizer steps.
-    Returns the loss averaged over the ranks (what gets logged)."""
-    bad_loss = torch.tensor([float(not (math.isfinite(loss) and math.isfinite(gnorm))), loss], device=device,
-                            dtype=torch.float64)
+    Returns (the loss averaged over the ranks (what gets logged), whether any rank was asked to stop (a signal):
+    the same all-reduce makes every rank agree on the step to stop after)."""
+    bad_loss = torch.tensor([float(not (math.isfinite(loss) and math.isfinite(gnorm))), loss, float(stop)],
+                            device=device, dtype=torch.float64)
     if world > 1:
         torch.distributed.all_reduce(bad_loss)
-    bad, loss = bad_loss[0].item(), bad_loss[1].item() / world
+    bad, loss, stop = bad_loss[0].item(), bad_loss[1].item() / world, bad_loss[2].item() > 0
     if bad > 0:
         raise NonFiniteLoss(f"non-finite loss or gradient at step {step + 1} (loss {loss}, grad norm {gnorm}): "
                             f"stopped before the optimizer step. The last good checkpoint is "
                             f"{last_ckpt or 'none (no checkpoint was written yet)'}; resume from it with "
                             f"--resume RUN_DIR, e.g. with a lower --lr or a smaller --clip")
-    return loss
+    return loss, stop
 
 
 
@@ -555,9 +716,11 @@ class MetricsLog:
 # the loop
 # -----------------------------------------------------------------------------------------------------------
 
-def train(args, model, dataset, run_dir, device, rank=0, world=1, stats=None):
+def train(args, model, dataset, run_dir, device, rank=0, world=1, stats=None, signals=()):
     """The loop. Each step: --grad-accum micro-batches per process (gradients all-reduced once, on the last),
-    clip, AdamW, LR schedule; checkpoint every --ckpt-every steps and at the end (save_train_state)."""
+    clip, AdamW, LR schedule; checkpoint every --ckpt-every steps and at the end (save_train_state).
+    signals: the list stop_signals() fills; once it is non-empty on any rank, every rank finishes the step,
+    checkpoints and raises StopRequested."""
     from tqdm import tqdm
     stats = stats or dataset.stats_by_key
     if args.act_ckpt:
@@ -571,6 +734,8 @@ def train(args, model, dataset, run_dir, device, rank=0, world=1, stats=None):
         last_ckpt = latest_checkpoint(run_dir)
         if last_ckpt is None:
             warnings.warn(f"--resume {run_dir}: no checkpoint found, starting from step 0")
+            if rank == 0:
+                trim_metrics(run_dir / "metrics.csv", 0)  # the steps logged before are trained again
         else:
             start = load_train_state(last_ckpt, net, model, opt, sched, rank, args.fsdp)
             if rank == 0:
@@ -601,7 +766,8 @@ def train(args, model, dataset, run_dir, device, rank=0, world=1, stats=None):
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / args.grad_accum
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip)
-        loss_sum = check_finite(step, world, device, loss_sum, float(gnorm), last_ckpt)  # -> mean over ranks
+        loss_sum, stop = check_finite(step, world, device, loss_sum, float(gnorm), last_ckpt,  # -> mean over
+                                      stop=bool(signals))  # ranks, and whether any rank got SIGINT/SIGTERM
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
@@ -612,9 +778,14 @@ def train(args, model, dataset, run_dir, device, rank=0, world=1, stats=None):
                 for k, v in log.rows[-1].items():
                     tb.add_scalar(f"train/{k}", v, step + 1)
         bar.set_postfix(loss=f"{loss_sum:.4f}")
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps or stop:
             last_ckpt = save_train_state(run_dir, step + 1, net, model, opt, sched, stats, args, rank, world,
                                          args.fsdp, args.keep_ckpts)
+        if stop:
+            bar.close()
+            raise StopRequested(signals[0] if signals else None, step + 1, last_ckpt)
+    if any_rank(signals, world):  # a signal during the last step's checkpoint: training is complete; stop here
+        raise StopRequested(signals[0] if signals else None, args.steps, last_ckpt)
     if tb is not None:
         tb.close()
     if log is not None and log.rows:  # the whole run's curve (a resumed run's CSV holds the earlier steps too)
@@ -646,8 +817,42 @@ def tensorboard_writer(run_dir):
     return SummaryWriter(str(Path(run_dir) / "tb"))
 
 
+def check_out_dir(args):
+    """Refuse to start a new run in a directory that already holds a run's checkpoints, weights or metrics: the
+    two runs would mix (pruning deletes one's checkpoints, a later --resume picks the other's step, metrics.csv
+    interleaves). A folder with only train_args.json (a run that stopped before its first step) is reused."""
+    run_dir = Path(args.out)
+    if args.resume or not run_dir.is_dir():
+        return
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*"))
+    found = ([f"checkpoints up to {ckpts[-1].name}"] if ckpts else []) + \
+        [f for f in ("model.safetensors", "metrics.csv") if (run_dir / f).is_file()]
+    if found:
+        raise SystemExit(f"error: --out {run_dir} already holds a training run ({', '.join(found)}); a new run "
+                         f"there would mix with it. Continue that run: python train.py --resume {run_dir} (add "
+                         f"--steps N to train longer); or start afresh: pass a new --out, or delete the folder "
+                         f"first (rm -r {run_dir})")
+
+
+def needs_rendering(args):
+    """Does this run render MuJoCo frames: demonstrations not yet cached, or closed-loop evaluation?"""
+    if args.data:
+        return False  # --data runs train on files and skip the Meta-World evaluation
+    cached = all(p.exists() for p in evaluate.demo_paths(args.tasks, args.demos_per_task, args.image_size,
+                                                          args.seed % 100, args.cache_dir,
+                                                          noise=args.demo_noise).values())
+    return args.eval_episodes > 0 or not cached
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_out_dir(args)  # before any work: a new run must not mix into another run's directory
+    if needs_rendering(args):  # ... and not die after minutes inside a worker pool for want of OpenGL
+        try:
+            evaluate.check_rendering("the Meta-World demonstrations and closed-loop evaluation (a run on --data "
+                                     "files with --eval-episodes 0 renders nothing)")
+        except RuntimeError as e:
+            raise SystemExit(f"error: {e}") from None
     rank, world, device = setup_distributed(args.device)  # torchrun: one process per GPU / CPU slot
     if rank != 0:  # only rank 0 talks
         sys.stdout = open(os.devnull, "w")
@@ -697,10 +902,18 @@ def main(argv=None):
     print(f"model: {n_params / 1e6:.2f}M parameters ({sum(p.numel() for p in model.trainable_parameters()) / 1e6:.2f}M "
           f"trainable) on {device}")
     t1 = time.time()
-    try:
-        train(args, model, dataset, run_dir, device, rank, world, stats)
-    except NonFiniteLoss as e:
-        raise SystemExit(f"error: {e}") from None
+    with stop_signals(announce=rank == 0) as signals:  # SIGINT/SIGTERM: finish the step, checkpoint, stop
+        try:  # (inside: a launcher's further signals must not cut the message short)
+            train(args, model, dataset, run_dir, device, rank, world, stats, signals)
+        except (NonFiniteLoss, CheckpointWriteError) as e:
+            raise SystemExit(f"error: {e}") from None
+        except StopRequested as e:  # the step finished and a checkpoint holds it
+            launcher = f"torchrun --nproc_per_node={world} train.py" if world > 1 else "python train.py"
+            if rank == 0:
+                print(f"train.py: stopped by {e.signame} after step {e.step} of {args.steps}"
+                      + (" (training was complete; evaluation skipped)" if e.step >= args.steps else "")
+                      + f"; checkpoint {e.ckpt}. Continue with: {launcher} --resume {run_dir}", file=sys.stderr)
+            raise SystemExit(128 + e.signum) from None  # the shell's convention: 130 = SIGINT, 143 = SIGTERM
     t_train = time.time() - t1
     print(f"training: {args.steps} steps in {t_train:.0f} s; checkpoint in {run_dir}")
     t_eval = 0.0

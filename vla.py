@@ -1123,7 +1123,12 @@ CHECKPOINT_FORMAT = "robovlms-vla"
 
 def _atomic_write(path, write):
     tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)  # a half-written file (e.g. the disk filled up) must not stay behind
+        raise
     os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
 
 

@@ -261,6 +261,7 @@ def run_variant(args, table, variant, seed):
             timing = abs_run / "findings_time.json"
             times = json.loads(timing.read_text()) if timing.exists() and not args.force else {}
             if args.force or not (abs_run / "config.json").exists() or "train" not in times:
+                clear_training(abs_run)
                 times["train"] = run(tcmd, abs_run / "train.log")
                 timing.write_text(json.dumps(times))
             train_args = json.loads((abs_run / "train_args.json").read_text())
@@ -282,6 +283,16 @@ def run_variant(args, table, variant, seed):
         r = json.loads(result_path(args, variant.run, seed, variant.execution, cond).read_text())
         out[cond] = sum(r["success"].values()) / len(r["success"])
     return out
+
+
+def clear_training(run_dir):
+    """Before (re-)training a run: remove what an earlier, forced or interrupted, training left there. train.py
+    refuses an --out that holds another run's checkpoints, weights or metrics (the two would mix)."""
+    import shutil
+    for name in ("checkpoints", "tb"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for name in ("model.safetensors", "metrics.csv"):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -429,4 +429,9 @@ def test_train_on_lerobot_plus_rlds_mixture(tmp_path, v3, rlds):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     stats = json.loads((out / "action_stats.json").read_text())
     assert {"my_arm", "my_robot"} <= set(stats)
-    assert "replay" in r.stdout and "my_arm" in r.stdout and "my_robot" in r.stdout
+    replay = json.loads((out / "replay.json").read_text())  # Policy.act over the first 2 segments of each
+    lerobot, rl = data.LeRobotDataset(v3, 2, 3, image_size=32), data.RLDSDataset(rlds, 2, 3, image_size=32)
+    for ds in (lerobot, rl):
+        assert replay[ds.key]["frames"] == sum(ds.seg_end[:2] - ds.seg_start[:2] + 1)
+        assert 0 <= replay[ds.key]["gripper_agreement"] <= 1 and np.isfinite(replay[ds.key]["pose_l1"])
+    assert "Replay of recorded episodes" in r.stdout

@@ -1012,7 +1012,7 @@ def decode_video_frames(container, times, tolerance_s, where):
         if t >= times[0] - tolerance_s:
             pts.append(t)
             frames.append(fr)
-        if t > times[-1] + tolerance_s:
+        if t >= times[-1] - tolerance_s:  # the last wanted frame (or the one after it) is decoded
             break
     pts = np.asarray(pts)
     out = []
@@ -1030,7 +1030,7 @@ class _FormatDataset(WindowDataset):
     """Common tail of the LeRobot and RLDS readers: segments of a flat frame table -> windows."""
 
     def _finish(self, key, actions, state, seg_start, seg_end, instructions, stats, gripper_closed_high,
-                window, chunk, views, image_size, norm_mode, few_shot, fraction, seed):
+                window, chunk, views, image_size, norm_mode, few_shot, fraction, seed, cache_dir=None):
         actions = np.asarray(actions, np.float32)
         if not np.isfinite(actions).all():
             row = np.argwhere(~np.isfinite(actions))[0]
@@ -1038,6 +1038,48 @@ class _FormatDataset(WindowDataset):
         actions[:, 6] = gripper_pm1(actions[:, 6], gripper_closed_high)
         self._build(key, actions, state, seg_start, seg_end, instructions, list(instructions), window, chunk,
                     views, image_size, stats, norm_mode, few_shot, fraction, seed)
+        self._cache_dir, self._cache, self._mm = cache_dir, None, None
+
+    def cache_frames(self):
+        """Decode every frame once, resized to S, into one uint8 memmap (N, V, 3, S, S) under cache_dir.
+
+        Video and JPEG decoding cost several times an HDF5 read per sample (benchmarks/bench_formats.py); with
+        the cache a sample is one slice. Segment by segment, in order (one seek per video file and segment);
+        written to a temporary name and renamed when complete, so an interrupted build is simply redone.
+        Call it after construction (the readers do when given cache_dir), before DataLoader workers start.
+        """
+        s, n = self.image_size, len(self.raw_actions)
+        tag = hashlib.sha1(json.dumps([str(Path(self.root).resolve()), self.key, s, list(self.views), self.cameras,
+                                       self.seg_start.tolist(), self.seg_end.tolist()]).encode()).hexdigest()[:16]
+        path = Path(self._cache_dir) / f"frames_{self.key}_{tag}_{s}.u8"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            mm = np.memmap(tmp, np.uint8, "w+", shape=(n, len(self.views), 3, s, s))
+            for seg in range(len(self.seg_start)):
+                rows = np.arange(self.seg_start[seg], self.seg_end[seg] + 1)
+                for a in range(0, len(rows), 64):  # bounded memory for long episodes
+                    frames = self._load_frames(seg, rows[a:a + 64])
+                    for k, v in enumerate(self.views):
+                        mm[rows[a:a + 64], k] = resize_images(frames[v], s).numpy()
+            mm.flush()
+            del mm
+            os.replace(tmp, path)
+        self._cache, self._mm = path, None
+        return path
+
+    def _images(self, seg, frames):
+        if self._cache is None:
+            return super()._images(seg, frames)
+        if self._mm is None:  # opened lazily: a memmap must not be pickled into DataLoader workers
+            self._mm = np.memmap(self._cache, np.uint8, "r", shape=(len(self.raw_actions), len(self.views), 3,
+                                                                    self.image_size, self.image_size))
+        return torch.from_numpy(np.array(self._mm[int(frames[0]):int(frames[-1]) + 1]))  # (H, V, 3, S, S)
+
+    def __getstate__(self):  # workers get a copy without open decoders or memmaps
+        d = dict(self.__dict__)
+        d.update(_mm=None, _containers={}, _pid=None)
+        return d
 
     def episode_frames(self, seg):
         """{view: uint8 (T, h, w, 3)}, actions (T, 7) raw, instruction of segment `seg` (data.py convert)."""
@@ -1059,11 +1101,13 @@ class LeRobotDataset(_FormatDataset):
     PNG bytes in the parquet (dtype image). A segment is a run of one episode's frames under one task.
     Statistics are computed from the mapped 7-d actions (meta/stats.json describes the raw action, and its
     quantiles are histogram estimates). cameras: {view: feature key} (default: pick_cameras).
+    cache_dir: decode every frame once into a resized uint8 memmap there (cache_frames); tolerance_s: how far
+    a decoded frame's time may lie from the parquet timestamp (LeRobot's default 1e-4 s).
     """
 
     def __init__(self, root, window, chunk, views=VIEWS, image_size=224, stats=None, key=None, cameras=None,
                  action_dims=None, gripper_closed_high=False, state=False, few_shot=None, fraction=None, seed=0,
-                 norm_mode="quantile", tolerance_s=1e-4):
+                 norm_mode="quantile", tolerance_s=1e-4, cache_dir=None):
         pq = _need("pyarrow.parquet", "pyarrow", "a LeRobotDataset")
         self.root = root = Path(root)
         window, chunk, views, image_size = _check_window_args(window, chunk, views, image_size)
@@ -1143,9 +1187,12 @@ class LeRobotDataset(_FormatDataset):
         self.seg_ep = ep_col[start]
         self.tolerance_s, self._containers, self._pid = tolerance_s, {}, None
         self._finish(key or root.name, a7, self.state_arr, start, end, [task_of[t] for t in task[start]],
-                     stats, gripper_closed_high, window, chunk, views, image_size, norm_mode, few_shot, fraction, seed)
+                     stats, gripper_closed_high, window, chunk, views, image_size, norm_mode, few_shot, fraction, seed,
+                     cache_dir)
         self.with_state, self.n_bad, self.bad = bool(state), 0, []
         self.seg_ep = self.seg_ep[self.seg_keep]
+        if cache_dir:
+            self.cache_frames()
 
     def _load_frames(self, seg, frames):
         av = _need("av", "av", "LeRobotDataset videos")
@@ -1169,10 +1216,6 @@ class LeRobotDataset(_FormatDataset):
                                          f"{path} (episode {ep}, camera {k!r})")
         return out
 
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_containers"], d["_pid"] = {}, None
-        return d
 
 
 def _jsonl(path):
@@ -1285,11 +1328,12 @@ class RLDSDataset(_FormatDataset):
     its episode's record and decodes the H JPEG/PNG frames it needs. A segment is a run of one episode's steps
     under one instruction, without the is_last step (RLDS: the last step's action is not valid). Steps
     without an instruction are skipped (counted in .n_bad). cameras: {view: key under steps/observation/}.
+    cache_dir: decode every frame once into a resized uint8 memmap there (cache_frames). verify: check CRCs.
     """
 
     def __init__(self, root, window, chunk, views=VIEWS, image_size=224, stats=None, key=None, cameras=None,
                  split="train", action_dims=None, gripper_closed_high=False, state=False, few_shot=None,
-                 fraction=None, seed=0, norm_mode="quantile", verify=True, control_hz=None):
+                 fraction=None, seed=0, norm_mode="quantile", verify=True, control_hz=None, cache_dir=None):
         example_pb2 = _need("tfrecord.example_pb2", "tfrecord", "an RLDS dataset")
         self.root = root = Path(root)
         window, chunk, views, image_size = _check_window_args(window, chunk, views, image_size)
@@ -1353,9 +1397,11 @@ class RLDSDataset(_FormatDataset):
         start = np.cumsum(lengths) - lengths
         self._finish(key or name, np.concatenate(acts), np.concatenate(sts) if state else None, start,
                      start + lengths - 1, instrs, stats, gripper_closed_high, window, chunk, views, image_size,
-                     norm_mode, few_shot, fraction, seed)
+                     norm_mode, few_shot, fraction, seed, cache_dir)
         self.with_state = bool(state)
         self.records = [self.records[i] for i in self.seg_keep]
+        if cache_dir:
+            self.cache_frames()
 
     def _parse(self, rec):
         ex = self._pb.Example()

@@ -103,6 +103,8 @@ def parse_args(argv=None):
                    "their weighted mixture")
     s.add_argument("--cameras", nargs="+", default=None, metavar="MAP", help="LeRobot/RLDS camera keys, one "
                    "per --data path: auto (picked by name) or VIEW=KEY,... e.g. static=observation.images.top")
+    s.add_argument("--cache-frames", action="store_true", help="LeRobot/RLDS: decode every frame once into a "
+                   "resized uint8 memmap under --cache-dir (N x views x 3 x S x S bytes); samples then skip decoding")
     s.add_argument("--data-weights", nargs="+", type=float, default=None, metavar="W",
                    help="co-training mixture weights, one per --data path (default: equal)")
     s.add_argument("--init-from", default=None, metavar="RUN_DIR", help="post-train: start from this "
@@ -163,7 +165,8 @@ def build_data_mixture(args):
     sets = []
     for path, cam in zip(args.data, cams):
         if data.detect_format(path) in ("lerobot", "rlds"):  # docs/data_formats.md
-            sets.append(data.open_dataset(path, cameras=data.parse_cameras(cam), **kw))
+            sets.append(data.open_dataset(path, cameras=data.parse_cameras(cam), **kw,
+                                          cache_dir=args.cache_dir if getattr(args, "cache_frames", False) else None))
             print(f"--data {path}: {type(sets[-1]).__name__} {sets[-1].key!r}, cameras {sets[-1].cameras}, "
                   f"{sets[-1].control_hz} Hz")
         elif os.path.isdir(path):

@@ -376,6 +376,16 @@ def test_unmappable_action_space_is_refused(tmp_path, episodes):
         data.map_action7({"joint_velocity": np.zeros((4, 7))}, "x")
 
 
+def test_frame_cache_gives_the_same_windows(tmp_path, v3, rlds):
+    for n, (cls, root) in enumerate(((data.LeRobotDataset, v3), (data.RLDSDataset, rlds)), 1):
+        plain, cached = cls(root, H, L, image_size=S), cls(root, H, L, image_size=S, cache_dir=tmp_path)
+        assert cached._cache is not None and cached._cache.exists()
+        for i in range(len(plain)):
+            assert torch.equal(plain[i]["images"], cached[i]["images"])
+        again = cls(root, H, L, image_size=S, cache_dir=tmp_path)  # reused, not rebuilt
+        assert again._cache == cached._cache and len(list(tmp_path.iterdir())) == n
+
+
 def test_camera_mapping_and_missing_camera(v3, rlds):
     ds = data.LeRobotDataset(v3, H, L, views=("static",), image_size=S,
                              cameras=data.parse_cameras("static=observation.images.wrist"))

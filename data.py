@@ -1119,14 +1119,18 @@ class LeRobotDataset(_FormatDataset):
         if version not in ("v2.0", "v2.1", "v3.0"):
             raise DataError(f"{root}: LeRobotDataset codebase_version {version!r}; this reader knows v2.0, v2.1, v3.0")
         v3, where = version == "v3.0", f"{root} (LeRobotDataset {version})"
-        self.cameras = pick_cameras([k for k, f in feats.items() if f.get("dtype") in ("video", "image")], views,
-                                    cameras, where)
+        cams = [k for k, f in feats.items() if f.get("dtype") in ("video", "image") and not
+                (f.get("info") or {}).get("video.is_depth_map", (f.get("info") or {}).get("is_depth_map"))]
+        self.cameras = pick_cameras(cams, views, cameras, where)  # depth videos are not cameras here
         if "action" not in feats:
             raise DataError(f"{where}: no 'action' feature (features: {sorted(feats)})")
         if v3:  # tasks.parquet keeps the task string as the pandas index
             t = pq.read_table(root / "meta" / "tasks.parquet").to_pydict()
             task_of = dict(zip(t["task_index"], t.get("task") or t.get("__index_level_0__")))
-            eps = _concat_parquet(pq, sorted((root / "meta" / "episodes").glob("*/*.parquet")))
+            eps = _concat_parquet(pq, sorted((root / "meta" / "episodes").glob("*/*.parquet")),
+                                  ["episode_index", "length", "data/chunk_index", "data/file_index"] +
+                                  [f"videos/{k}/{c}" for k in self.cameras.values() if feats[k]["dtype"] == "video"
+                                   for c in ("chunk_index", "file_index", "from_timestamp")])
         else:
             task_of = {d["task_index"]: d["task"] for d in _jsonl(root / "meta" / "tasks.jsonl")}
             eps = {}
@@ -1155,7 +1159,10 @@ class LeRobotDataset(_FormatDataset):
                (["observation.state"] if state else [])
         tabs = []
         for path, want in files.items():
-            tab = pq.read_table(root / path, columns=cols)
+            try:
+                tab = pq.read_table(root / path, columns=cols)
+            except Exception as e:  # missing file, missing column (ArrowInvalid), damaged footer
+                raise DataError(f"{root / path}: cannot read columns {cols} ({type(e).__name__}: {e})") from e
             keep = np.isin(tab.column("episode_index").to_numpy(), list(want))
             tabs.append(tab.filter(keep) if not keep.all() else tab)
         import pyarrow as pa
@@ -1225,13 +1232,17 @@ def _jsonl(path):
         raise DataError(f"{path}: unreadable JSON-lines file ({type(e).__name__}: {e})") from e
 
 
-def _concat_parquet(pq, paths):
-    """Columns of several parquet files -> {column: list}."""
+def _concat_parquet(pq, paths, columns):
+    """`columns` of several parquet files -> {column: list}."""
     if not paths:
         raise DataError("LeRobotDataset v3: no meta/episodes/chunk-*/file-*.parquet files found")
     out = {}
     for p in paths:
-        for k, v in pq.read_table(p).to_pydict().items():
+        try:
+            tab = pq.read_table(p, columns=columns)
+        except Exception as e:  # pyarrow raises several types for a missing column or a damaged file
+            raise DataError(f"{p}: cannot read episode columns {columns} ({type(e).__name__}: {e})") from e
+        for k, v in tab.to_pydict().items():
             out.setdefault(k, []).extend(v)
     return out
 

@@ -105,6 +105,18 @@ def _frame_table(eps, ep_ids, task_index, fps, first_index, png_cams=()):
     return pa.table({k: pa.array(v, type=types[k]) for k, v in cols.items()})
 
 
+def tasks_table(tasks):
+    """meta/tasks.parquet as pandas writes LeRobot's tasks DataFrame: task_index, and the task string as the
+    index (the pandas metadata marks __index_level_0__ as the index; checked against the library's file)."""
+    meta = {"index_columns": ["__index_level_0__"], "column_indexes": [],
+            "columns": [{"name": "task_index", "field_name": "task_index", "pandas_type": "int64",
+                         "numpy_type": "int64", "metadata": None},
+                        {"name": None, "field_name": "__index_level_0__", "pandas_type": "unicode",
+                         "numpy_type": "object", "metadata": None}], "pandas_version": "2.2.0"}
+    t = pa.table({"task_index": pa.array(range(len(tasks)), pa.int64()), "__index_level_0__": tasks})
+    return t.replace_schema_metadata({"pandas": json.dumps(meta)})
+
+
 def write_lerobot_v3(root, eps, fps=10, cams=("observation.images.top", "observation.images.wrist")):
     """A v3.0 folder: episodes 0-1 in data file-000, the rest in file-001; the top camera in one mp4 for all
     episodes, the wrist camera in file-000 (episode 0) and file-001 (the rest): episodes share files, cameras of
@@ -145,8 +157,7 @@ def write_lerobot_v3(root, eps, fps=10, cams=("observation.images.top", "observa
         start += n
     (root / "meta/episodes/chunk-000").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), root / "meta/episodes/chunk-000/file-000.parquet")
-    pq.write_table(pa.table({"task_index": list(range(len(tasks))), "__index_level_0__": tasks}),
-                   root / "meta/tasks.parquet")
+    pq.write_table(tasks_table(tasks), root / "meta/tasks.parquet")
     info = {"codebase_version": "v3.0", "robot_type": "test_arm", "total_episodes": len(eps), "total_frames": start,
             "total_tasks": len(tasks), "chunks_size": 1000, "data_files_size_in_mb": 100,
             "video_files_size_in_mb": 200, "fps": fps, "splits": {"train": f"0:{len(eps)}"},
@@ -329,6 +340,17 @@ def test_lerobot_v3_windows_match_ground_truth(v3, episodes):
     assert ds.control_hz == 10 and ds.key == "my_arm"
     assert len(ds.seg_start) == 4  # episode 1 holds two tasks: two segments
     check_windows(ds, episodes, expected_frames(episodes))
+
+
+def test_lerobot_v3_written_by_the_lerobot_library():
+    """tests/data/lerobot_v30_fixture was written by LeRobot's own writer (tests/data/make_lerobot_fixture.py):
+    its real task table (pandas index), episodes table (with per-episode stats columns), concatenated AV1
+    videos and timestamps must give the same windows as the episodes it was given."""
+    eps = [make_episode(0, 7, size=(48, 64)), make_episode(1, 8, size=(48, 64), tasks=("open the drawer", "close the drawer")),
+           make_episode(2, 6, size=(48, 64))]
+    ds = data.LeRobotDataset(ROOT / "tests/data/lerobot_v30_fixture", H, L, image_size=S)
+    assert ds.cameras == {"static": "observation.images.front", "wrist": "observation.images.wrist"}
+    check_windows(ds, eps, expected_frames(eps))
 
 
 def test_lerobot_v21_h264_and_png_images(tmp_path, episodes):

@@ -1081,6 +1081,10 @@ class _FormatDataset(WindowDataset):
         d.update(_mm=None, _containers={}, _pid=None)
         return d
 
+    @property
+    def episodes(self):  # one entry per segment, like HDF5Dataset.episodes (train.py prints the count)
+        return list(range(len(self.seg_start)))
+
     def episode_frames(self, seg):
         """{view: uint8 (T, h, w, 3)}, actions (T, 7) raw, instruction of segment `seg` (data.py convert)."""
         rows = np.arange(self.seg_start[seg], self.seg_end[seg] + 1)

@@ -937,8 +937,8 @@ def gripper_pm1(g, closed_high=False):
 
 def relative_to_absolute_gripper(rel):
     """fractal's gripper_closedness_action (+1 close, -1 open, 0 keep; |x| <= 0.1 counts as 0) -> +1 open / -1
-    closed. Before the first event the gripper is in the state that event leaves; no event at all: open
-    (OpenVLA's rt1 transform)."""
+    closed. Before the first event the gripper is in the opposite state of the one that event sets (a first
+    "close" means it was open); no event at all: open the whole episode (OpenVLA's rt1 transform)."""
     rel = np.asarray(rel, np.float32).reshape(-1)
     events = np.nonzero(np.abs(rel) > 0.1)[0]
     out, state = np.empty(len(rel), np.float32), 1.0 if not len(events) or rel[events[0]] > 0 else -1.0
@@ -971,8 +971,9 @@ def map_action7(parts, where, dims=None, names=None):
             raise DataError(f"{where}: the action has shape (T, {a.shape[1]}){' with names ' + str(names) if names else ''}; "
                             f"this project trains 7-d actions (xyz delta, rpy delta, gripper) and cannot map this "
                             f"action space{' (joint-space: ' + str(joints[:3]) + ')' if joints else ''}. If 7 of its "
-                            f"dims are exactly those, pick them with --action-dims i0,...,i6; otherwise convert the "
-                            f"actions to end-effector deltas first")
+                            f"dims are exactly those, pick them with action_dims=[i0, ..., i6] (python data.py convert "
+                            f"SRC --to out.h5 --action-dims i0,...,i6); otherwise convert the actions to end-effector "
+                            f"deltas first")
         return a, "absolute"
     grip = [k for k in ("open_gripper", "gripper_closedness_action") if k in parts]
     if "world_vector" in parts and "rotation_delta" in parts and grip:

@@ -418,6 +418,22 @@ def test_camera_mapping_and_missing_camera(v3, rlds):
         data.RLDSDataset(rlds, H, L, image_size=S, cameras={"wrist": "image_9"})
 
 
+def test_video_timestamp_mismatch_is_named(tmp_path):
+    import shutil
+    import pyarrow.compute as pc
+    root = tmp_path / "shifted"
+    shutil.copytree(ROOT / "tests/data/lerobot_v30_fixture", root)
+    f = root / "data/chunk-000/file-000.parquet"
+    t = pq.read_table(f)
+    shifted = pc.add(t.column("timestamp"), pa.scalar(0.05, pa.float32()))  # half a frame at 10 fps
+    pq.write_table(t.set_column(t.schema.get_field_index("timestamp"), "timestamp", shifted), f)
+    ds = data.LeRobotDataset(root, H, L, image_size=S)
+    with pytest.raises(data.DataError, match=r"file-000.mp4 \(episode 0, camera 'observation.images.front'\): no "
+                                             r"video frame within 0.0001 s of t = 0.05000 s"):
+        ds[0]
+    assert len(data.LeRobotDataset(root, H, L, image_size=S, tolerance_s=0.06)[0]["images"]) == H
+
+
 def test_fractal_relative_gripper():
     rel = np.array([0, 0, 1, 0, 0, -1, 0, 0.05], np.float32)  # close at 2, open at 5
     assert data.relative_to_absolute_gripper(rel).tolist() == [1, 1, -1, -1, -1, 1, 1, 1]

@@ -968,7 +968,8 @@ def map_action7(parts, where, dims=None, names=None):
                 raise DataError(f"{where}: action_dims {list(dims)} must be 7 indices into the {a.shape[1]}-d action")
             return a[:, list(dims)], "absolute"
         if a.shape[1] != ACTION_DIM or joints:
-            raise DataError(f"{where}: the action has shape (T, {a.shape[1]}){' with names ' + str(names) if names else ''}; "
+            named = f" with names {names}" if names else ""
+            raise DataError(f"{where}: the action has shape (T, {a.shape[1]}){named}; "
                             f"this project trains 7-d actions (xyz delta, rpy delta, gripper) and cannot map this "
                             f"action space{' (joint-space: ' + str(joints[:3]) + ')' if joints else ''}. If 7 of its "
                             f"dims are exactly those, pick them with action_dims=[i0, ..., i6] (python data.py convert "
@@ -1178,7 +1179,6 @@ class LeRobotDataset(_FormatDataset):
         self.timestamps = tab.column("timestamp").to_numpy().astype(np.float64)[order]  # (N,) seconds
         task = tab.column("task_index").to_numpy()[order]
         actions = _list_column(tab, "action")[order]  # (N, D)
-        self.state_arr = _list_column(tab, "observation.state")[order] if state else None
         self._png = {k: tab.column(k).take(pa.array(order)).combine_chunks().field("bytes") for k in images}
         new_ep = np.r_[True, ep_col[1:] != ep_col[:-1]]
         gap = np.nonzero(~new_ep & (fi != np.r_[-1, fi[:-1]] + 1))[0]
@@ -1198,8 +1198,9 @@ class LeRobotDataset(_FormatDataset):
         a7, _ = map_action7({"": actions}, where, action_dims, _feature_names(feats["action"]))
         self.seg_ep = ep_col[start]
         self.tolerance_s, self._containers, self._pid = tolerance_s, {}, None
-        self._finish(key or root.name, a7, self.state_arr, start, end, [task_of[t] for t in task[start]],
-                     stats, gripper_closed_high, window, chunk, views, image_size, norm_mode, few_shot, fraction, seed,
+        st = _list_column(tab, "observation.state")[order] if state else None  # (N, D)
+        self._finish(key or root.name, a7, st, start, end, [task_of[t] for t in task[start]], stats,
+                     gripper_closed_high, window, chunk, views, image_size, norm_mode, few_shot, fraction, seed,
                      cache_dir)
         self.with_state, self.n_bad, self.bad = bool(state), 0, []
         self.seg_ep = self.seg_ep[self.seg_keep]
@@ -1207,7 +1208,6 @@ class LeRobotDataset(_FormatDataset):
             self.cache_frames()
 
     def _load_frames(self, seg, frames):
-        av = _need("av", "av", "LeRobotDataset videos")
         if self._pid != os.getpid():  # decoders must not cross a fork: reopen in each worker
             self._containers, self._pid = {}, os.getpid()
         ep, out = int(self.seg_ep[seg]), {}
@@ -1218,6 +1218,7 @@ class LeRobotDataset(_FormatDataset):
                 continue
             path, t0 = self.video[ep][k]
             if path not in self._containers:
+                av = _need("av", "av", "LeRobotDataset videos")
                 if len(self._containers) >= 16:  # bound the open files per worker
                     self._containers.pop(next(iter(self._containers))).close()
                 try:
@@ -1227,7 +1228,6 @@ class LeRobotDataset(_FormatDataset):
             out[v] = decode_video_frames(self._containers[path], t0 + self.timestamps[frames], self.tolerance_s,
                                          f"{path} (episode {ep}, camera {k!r})")
         return out
-
 
 
 def _jsonl(path):
@@ -1367,7 +1367,8 @@ class RLDSDataset(_FormatDataset):
         instr_key = next((k for k in RLDS_INSTRUCTION_KEYS if k in leaves), None)
         act_keys = [k for k in leaves if k == "steps/action" or k.startswith("steps/action/")]
         if instr_key is None or not act_keys:
-            raise DataError(f"{where}: features.json has no {'language instruction ' + str(RLDS_INSTRUCTION_KEYS) if instr_key is None else 'steps/action'}; "
+            missing = f"language instruction {RLDS_INSTRUCTION_KEYS}" if instr_key is None else "steps/action"
+            raise DataError(f"{where}: features.json has no {missing}; "
                             f"step keys: {sorted(k for k in leaves if k.startswith('steps/'))}")
         state_key = obs + "state" if state else None
         if state and state_key not in leaves:
@@ -1535,9 +1536,12 @@ def convert_main(argv):
         raise SystemExit(f"{args.src}: not a LeRobotDataset folder (meta/info.json) or an RLDS folder "
                          f"(dataset_info.json + features.json)")
     dims = [int(i) for i in args.action_dims.split(",")] if args.action_dims else None
-    ds = open_dataset(args.src, 1, 1, tuple(args.views.split(",")), 224, cameras=parse_cameras(args.cameras),
-                      action_dims=dims, state=args.state)
-    n = convert_to_hdf5(ds, args.to, args.control_hz)
+    try:
+        ds = open_dataset(args.src, 1, 1, tuple(args.views.split(",")), 224, cameras=parse_cameras(args.cameras),
+                          action_dims=dims, state=args.state)
+        n = convert_to_hdf5(ds, args.to, args.control_hz)
+    except (DataError, ImportError) as e:
+        raise SystemExit(f"error: {e}") from None
     print(f"{args.src} -> {args.to}: {n} episodes, {len(ds.raw_actions)} frames, cameras {ds.cameras}, "
           f"key {ds.key!r}")
 

@@ -68,7 +68,8 @@ def main():
         print(f"wrote {args.episodes} episodes x {args.frames} frames x 2 cameras at {args.size}px three ways in "
               f"{time.perf_counter() - t:.1f} s")
         kw = dict(window=args.window, chunk=10, image_size=224)
-        sets = {"hdf5": data.HDF5Dataset(tmp / "same.h5", **kw), "lerobot (AV1 mp4)": data.LeRobotDataset(lerobot, **kw),
+        sets = {"hdf5": data.HDF5Dataset(tmp / "same.h5", **kw),
+                "lerobot (AV1 mp4)": data.LeRobotDataset(lerobot, **kw),
                 "rlds (JPEG TFRecord)": data.RLDSDataset(rlds, **kw)}
         for name, cls, root in (("lerobot", data.LeRobotDataset, lerobot), ("rlds", data.RLDSDataset, rlds)):
             t = time.perf_counter()

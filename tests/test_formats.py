@@ -346,7 +346,8 @@ def test_lerobot_v3_written_by_the_lerobot_library():
     """tests/data/lerobot_v30_fixture was written by LeRobot's own writer (tests/data/make_lerobot_fixture.py):
     its real task table (pandas index), episodes table (with per-episode stats columns), concatenated AV1
     videos and timestamps must give the same windows as the episodes it was given."""
-    eps = [make_episode(0, 7, size=(48, 64)), make_episode(1, 8, size=(48, 64), tasks=("open the drawer", "close the drawer")),
+    eps = [make_episode(0, 7, size=(48, 64)),
+           make_episode(1, 8, size=(48, 64), tasks=("open the drawer", "close the drawer")),
            make_episode(2, 6, size=(48, 64))]
     ds = data.LeRobotDataset(ROOT / "tests/data/lerobot_v30_fixture", H, L, image_size=S)
     assert ds.cameras == {"static": "observation.images.front", "wrist": "observation.images.wrist"}
@@ -464,6 +465,17 @@ def test_convert_to_hdf5_round_trip(tmp_path, v3):
         a, b = ds[i], src[i]
         assert a["instruction"] == b["instruction"] and torch.equal(a["images"], b["images"])
         assert torch.equal(a["actions"], b["actions"]) and torch.equal(a["action_mask"], b["action_mask"])
+
+
+def test_convert_rlds_needs_a_control_rate_and_missing_packages_say_how_to_install(tmp_path, rlds):
+    with pytest.raises(SystemExit, match="control rate is not stored.*--control-hz"):
+        data.main(["convert", str(rlds), "--to", str(tmp_path / "a.h5")])
+    data.main(["convert", str(rlds), "--to", str(tmp_path / "b.h5"), "--control-hz", "15", "--state"])
+    ds = data.HDF5Dataset(tmp_path / "b.h5", H, L, image_size=S, state=True)
+    src = data.RLDSDataset(rlds, H, L, image_size=S, state=True)
+    assert np.allclose(ds.raw_actions, src.raw_actions) and np.allclose(ds.state, src.state)
+    with pytest.raises(ImportError, match=r"needs the Python package 'pyarrow' .*pip install pyarrow"):
+        data._need("pyarrow_not_installed_here", "pyarrow", "a LeRobotDataset")
 
 
 def test_train_on_lerobot_plus_rlds_mixture(tmp_path, v3, rlds):

@@ -1313,7 +1313,8 @@ def _tfds_leaves(node, prefix=""):
     if "sequence" in node:  # the RLDS `steps` Dataset: its leaves gain the leading step dim
         return _tfds_leaves(node["sequence"]["feature"], prefix)
     spec = node.get("tensor") or node.get("image") or {}
-    return {prefix[:-1]: {"cls": node.get("pythonClassName", "").rsplit(".", 1)[-1], "dtype": spec.get("dtype"),
+    cls = node.get("pythonClassName", "").rsplit(".", 1)[-1]  # Tensor, Scalar, Image, Text (bridge_orig's instruction)
+    return {prefix[:-1]: {"cls": cls, "dtype": "string" if cls == "Text" else spec.get("dtype"),
                           "shape": [int(d) for d in spec.get("shape", {}).get("dimensions", [])],
                           "encoding": spec.get("encoding", "none")}}
 

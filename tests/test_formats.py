@@ -229,7 +229,8 @@ def write_rlds(root, eps, name="my_robot", layout="flat", cams=("image", "wrist_
             "is_terminal": _tfds_tensor([], "bool"), "reward": _tfds_tensor([], "float32")}
     if layout == "flat":
         step["action"] = _tfds_tensor([7], "float32")
-        step["language_instruction"] = _tfds_tensor([], "string")
+        step["language_instruction"] = {"pythonClassName": "tensorflow_datasets.core.features.text_feature.Text",
+                                        "text": {}}  # as bridge_orig declares it
     else:
         step["action"] = _tfds_dict({"world_vector": _tfds_tensor([3], "float32"),
                                      "rotation_delta": _tfds_tensor([3], "float32"),

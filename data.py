@@ -1316,7 +1316,7 @@ def _tfds_leaves(node, prefix=""):
     cls = node.get("pythonClassName", "").rsplit(".", 1)[-1]  # Tensor, Scalar, Image, Text (bridge_orig's instruction)
     return {prefix[:-1]: {"cls": cls, "dtype": "string" if cls == "Text" else spec.get("dtype"),
                           "shape": [int(d) for d in spec.get("shape", {}).get("dimensions", [])],
-                          "encoding": spec.get("encoding", "none")}}
+                          "encoding": spec.get("encoding", "none"), "description": node.get("description", "")}}
 
 
 def _example_values(feature, spec, t, where):
@@ -1392,7 +1392,7 @@ class RLDSDataset(_FormatDataset):
                 instr = [s.strip() for s in _example_values(ex[instr_key], leaves[instr_key], t, w)[:n]]
                 parts = {k[len("steps/action/"):] if k != "steps/action" else "":
                          _example_values(ex[k], leaves[k], t, w)[:n] for k in act_keys}
-                a7, kind = map_action7(parts, w, action_dims)
+                a7, kind = map_action7(parts, w, action_dims, [leaves[k]["description"] for k in act_keys])
                 if kind == "relative":  # gripper events integrate over the whole episode
                     a7[:, 6] = relative_to_absolute_gripper(a7[:, 6])
                 st = _example_values(ex[state_key], leaves[state_key], t, w)[:n].reshape(n, -1) if state else None

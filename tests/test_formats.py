@@ -394,6 +394,9 @@ def test_unmappable_action_space_is_refused(tmp_path, episodes):
         data.LeRobotDataset(root, H, L, image_size=S)
     ds = data.LeRobotDataset(root, H, L, image_size=S, action_dims=[0, 1, 2, 3, 4, 5, 6])  # the user's override
     assert len(ds) > 0
+    droid = {"": np.zeros((4, 7))}  # DROID's features.json: 7-d `action` described as joint velocities + gripper
+    with pytest.raises(data.DataError, match="joint-space"):
+        data.map_action7(droid, "x", names=["Robot action, consists of [6x joint velocities, 1x gripper position]."])
     with pytest.raises(data.DataError, match=r"shape \(T, 6\)"):
         data.map_action7({"": np.zeros((4, 6))}, "x")
     with pytest.raises(data.DataError, match=r"action dict \{'joint_velocity': \(7,\)\}"):

@@ -1222,7 +1222,11 @@ class LeRobotDataset(_FormatDataset):
                 if len(self._containers) >= 16:  # bound the open files per worker
                     self._containers.pop(next(iter(self._containers))).close()
                 try:
-                    self._containers[path] = av.open(path)
+                    self._containers[path] = c = av.open(path)
+                    # one decoding thread: the DataLoader workers are the parallelism, and FFmpeg's threads do
+                    # not survive fork (workers forked from a process that had encoded video, as the tests do,
+                    # hung in a threaded decoder)
+                    c.streams.video[0].codec_context.thread_count = 1
                 except (OSError, av.FFmpegError) as e:
                     raise DataError(f"{path}: cannot open the video of camera {k!r} ({e})") from e
             out[v] = decode_video_frames(self._containers[path], t0 + self.timestamps[frames], self.tolerance_s,

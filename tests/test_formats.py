@@ -403,6 +403,27 @@ def test_unmappable_action_space_is_refused(tmp_path, episodes):
         data.map_action7({"joint_velocity": np.zeros((4, 7))}, "x")
 
 
+def test_dataloader_workers_fork_after_ffmpeg_threads_ran(tmp_path):
+    """DataLoader workers forked from a process that had encoded video (FFmpeg threads) hung in a threaded
+    decoder. Run in a fresh process group, killed if it hangs."""
+    import os
+    import signal
+    code = ("import sys; sys.path.insert(0, 'tests'); import data, test_formats as t; "
+            f"root = t.write_lerobot_v21({str(tmp_path / 'v21')!r}, [t.make_episode(e, 9) for e in range(3)]); "
+            "ds = data.LeRobotDataset(root, 2, 3, image_size=32); ds[0]; "
+            "print(len(ds), sum(len(b['images']) for b in data.make_dataloader(ds, 4, num_workers=2, drop_last=False)))")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        out, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        raise AssertionError("DataLoader workers hung decoding video after a fork")
+    assert p.returncode == 0, err[-2000:]
+    n, got = map(int, out.split()[-2:])
+    assert got == n > 0
+
+
 def test_frame_cache_gives_the_same_windows(tmp_path, v3, rlds):
     for n, (cls, root) in enumerate(((data.LeRobotDataset, v3), (data.RLDSDataset, rlds)), 1):
         plain, cached = cls(root, H, L, image_size=S), cls(root, H, L, image_size=S, cache_dir=tmp_path)

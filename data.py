@@ -5,6 +5,8 @@ Read top to bottom:
   2. the HDF5 episode format: EpisodeWriter (crash-safe, flushed per episode); schema in docs/hdf5_format.md
   3. windows: H observation frames, each with the chunk of its next L actions, masked past the segment end
   4. readers: HDF5Dataset, CalvinDataset (the dataset exactly as distributed), MixtureDataset (§II-E co-training)
+     LeRobotDataset (v3.0 / v2.x folders, PyAV video) and RLDSDataset (TFDS TFRecord shards, no TensorFlow),
+     open_dataset(path) picks the reader, convert_to_hdf5 (docs/data_formats.md)
   5. make_dataloader: workers + DistributedSampler
 
 A window (one sample) is a dict:
@@ -19,6 +21,7 @@ H and L follow the paper (the official code calls them window_size and fwd_pred_
 import hashlib
 import json
 import os
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -917,6 +920,625 @@ class MixtureDataset(torch.utils.data.Dataset):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# 4d. LeRobotDataset and RLDS: shared pieces (cameras, the 7-d action, optional imports)
+# -----------------------------------------------------------------------------------------------------------
+
+WRIST_WORDS = ("wrist", "hand", "gripper")  # a camera key naming one of these is the gripper camera
+
+
+def _need(module, pip_name, what):
+    """Import an optional dependency only when a dataset of its format is opened; say how to install it."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"reading {what} needs the Python package '{pip_name}' ({e}); install it with "
+                          f"`pip install {pip_name}` (README: optional dataset formats)") from None
+
+
+def parse_cameras(spec):
+    """'static=observation.images.top,wrist=observation.images.wrist' -> {view: key}; None/'' /'auto' -> {}."""
+    if not spec or spec == "auto":
+        return {}
+    out = {}
+    for item in spec.split(","):
+        view, sep, key = item.partition("=")
+        if not sep or view not in VIEWS or not key:
+            raise ValueError(f"camera mapping {spec!r}: expected VIEW=KEY pairs separated by commas with VIEW in "
+                             f"{VIEWS}, e.g. 'static=observation.images.top,wrist=observation.images.wrist'")
+        out[view] = key
+    return out
+
+
+def pick_cameras(available, views, override=None, where=""):
+    """{view: the dataset's camera key} for each of `views`.
+
+    Default: 'wrist' = the first key whose last component names a wrist/hand/gripper camera, 'static' = the first
+    other key (in the dataset's own order). override {view: key} (--cameras) wins.
+    """
+    override = dict(override or {})
+    unknown = {v: k for v, k in override.items() if k not in available}
+    if unknown:
+        raise DataError(f"{where}: camera mapping {unknown} names keys the dataset does not have; its cameras are "
+                        f"{list(available)}")
+    last = [k.replace("/", ".").rsplit(".", 1)[-1].lower() for k in available]
+    wrist = [k for k, s in zip(available, last) if any(w in s for w in WRIST_WORDS)]
+    other = [k for k in available if k not in wrist]
+    default = {"static": other[0] if other else None, "wrist": wrist[0] if wrist else None}
+    out = {}
+    for v in views:
+        out[v] = override.get(v, default[v])
+        if out[v] is None:
+            raise DataError(f"{where}: no camera for view {v!r} among {list(available)}; name one with "
+                            f"--cameras {v}=KEY, or train without it (--views {','.join(x for x in views if x != v)})")
+    return out
+
+
+def gripper_pm1(g, closed_high=False):
+    """Gripper command (N,) -> +1 open / -1 closed (the project's convention, vla.normalize_action).
+
+    Values within [0, 1] (bridge: 1 = open) are split at 0.5, values with negatives ([-1, 1]) at 0.
+    closed_high: the dataset's high value means closed (e.g. a 0 = open, 1 = closed gripper).
+    """
+    g = np.asarray(g, np.float32)
+    out = np.where(g > (0.5 if g.size and g.min() >= 0 else 0.0), 1.0, -1.0).astype(np.float32)
+    return -out if closed_high else out
+
+
+def relative_to_absolute_gripper(rel):
+    """fractal's gripper_closedness_action (+1 close, -1 open, 0 keep; |x| <= 0.1 counts as 0) -> +1 open / -1
+    closed. Before the first event the gripper is in the opposite state of the one that event sets (a first
+    "close" means it was open); no event at all: open the whole episode (OpenVLA's rt1 transform)."""
+    rel = np.asarray(rel, np.float32).reshape(-1)
+    events = np.nonzero(np.abs(rel) > 0.1)[0]
+    out, state = np.empty(len(rel), np.float32), 1.0 if not len(events) or rel[events[0]] > 0 else -1.0
+    for t, x in enumerate(rel):
+        state = -1.0 if x > 0.1 else 1.0 if x < -0.1 else state
+        out[t] = state
+    return out
+
+
+JOINT_WORDS = ("joint", "motor", "shoulder", "elbow", "qpos")
+
+
+def map_action7(parts, where, dims=None, names=None):
+    """A dataset's action -> (N, 7) [xyz delta, rpy delta, gripper] with the gripper still in the dataset's units.
+
+    parts: {"": (N, D)} for a flat action vector (LeRobot `action`, RLDS bridge_orig `steps/action`), or the
+    leaves of an action dict (RLDS OXE: world_vector (3), rotation_delta (3) and open_gripper or
+    gripper_closedness_action). dims: 7 indices into a flat vector, for action spaces whose layout differs.
+    Returns (actions (N, 7), gripper kind: "absolute" or "relative"). Anything else is refused, naming its shape.
+    """
+    if "" in parts:
+        a = np.asarray(parts[""], np.float32)
+        a = a.reshape(len(a), -1)
+        joints = [n for n in (names or []) if any(w in str(n).lower() for w in JOINT_WORDS)]
+        if dims is not None:
+            if len(dims) != 7 or max(dims) >= a.shape[1] or min(dims) < 0:
+                raise DataError(f"{where}: action_dims {list(dims)} must be 7 indices into the {a.shape[1]}-d action")
+            return a[:, list(dims)], "absolute"
+        if a.shape[1] != ACTION_DIM or joints:
+            named = f" with names {names}" if names else ""
+            raise DataError(f"{where}: the action has shape (T, {a.shape[1]}){named}; "
+                            f"this project trains 7-d actions (xyz delta, rpy delta, gripper) and cannot map this "
+                            f"action space{' (joint-space: ' + str(joints[:3]) + ')' if joints else ''}. If 7 of its "
+                            f"dims are exactly those, pick them with action_dims=[i0, ..., i6] (python data.py convert "
+                            f"SRC --to out.h5 --action-dims i0,...,i6); otherwise convert the actions to end-effector "
+                            f"deltas first")
+        return a, "absolute"
+    grip = [k for k in ("open_gripper", "gripper_closedness_action") if k in parts]
+    if "world_vector" in parts and "rotation_delta" in parts and grip:
+        n = len(parts["world_vector"])
+        g = np.asarray(parts[grip[0]], np.float32).reshape(n, -1)[:, :1]
+        a = np.concatenate([np.asarray(parts["world_vector"], np.float32).reshape(n, 3),
+                            np.asarray(parts["rotation_delta"], np.float32).reshape(n, 3), g], 1)
+        return a, "relative" if grip[0] == "gripper_closedness_action" else "absolute"
+    shapes = {k: tuple(np.shape(v)[1:]) for k, v in parts.items()}
+    raise DataError(f"{where}: cannot map the action dict {shapes} to 7-d (xyz delta, rpy delta, gripper): known "
+                    f"layouts are a flat 7-vector or world_vector (3) + rotation_delta (3) + open_gripper / "
+                    f"gripper_closedness_action")
+
+
+def decode_image(buf):
+    """Encoded JPEG/PNG bytes -> uint8 (h, w, 3) RGB (Pillow sniffs the format from the magic bytes)."""
+    import io
+    from PIL import Image
+    with Image.open(io.BytesIO(buf)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def decode_video_frames(container, times, tolerance_s, where):
+    """uint8 (len(times), h, w, 3): the frames of the first video stream at `times` (seconds, ascending).
+
+    One pass: seek to the keyframe at or before the first time, decode forward until past the last; each
+    time takes the nearest decoded frame, which must lie within tolerance_s (LeRobot's default 1e-4 s).
+    """
+    s = container.streams.video[0]
+    tb = float(s.time_base)
+    container.seek(max(0, int((times[0] - tolerance_s) / tb)), stream=s, backward=True, any_frame=False)
+    pts, frames = [], []
+    for fr in container.decode(s):
+        if fr.pts is None:
+            continue
+        t = fr.pts * tb
+        if t >= times[0] - tolerance_s:
+            pts.append(t)
+            frames.append(fr)
+        if t >= times[-1] - tolerance_s:  # the last wanted frame (or the one after it) is decoded
+            break
+    pts = np.asarray(pts)
+    out = []
+    for q in times:
+        j = int(np.abs(pts - q).argmin()) if len(pts) else -1
+        if j < 0 or abs(pts[j] - q) > tolerance_s:
+            near = f"nearest decoded frame at {pts[j]:.5f} s" if j >= 0 else "no frame decoded there"
+            raise DataError(f"{where}: no video frame within {tolerance_s} s of t = {q:.5f} s ({near}); the video "
+                            f"and the parquet timestamps disagree (pass tolerance_s=... to accept a looser match)")
+        out.append(frames[j].to_ndarray(format="rgb24"))
+    return np.stack(out)
+
+
+class _FormatDataset(WindowDataset):
+    """Common tail of the LeRobot and RLDS readers: segments of a flat frame table -> windows."""
+
+    def _finish(self, key, actions, state, seg_start, seg_end, instructions, stats, gripper_closed_high,
+                window, chunk, views, image_size, norm_mode, few_shot, fraction, seed, cache_dir=None):
+        actions = np.asarray(actions, np.float32)
+        if not np.isfinite(actions).all():
+            row = np.argwhere(~np.isfinite(actions))[0]
+            raise DataError(f"dataset {key!r}: action row {row[0]} dim {row[1]} is NaN/inf; fix or drop that episode")
+        actions[:, 6] = gripper_pm1(actions[:, 6], gripper_closed_high)
+        self._build(key, actions, state, seg_start, seg_end, instructions, list(instructions), window, chunk,
+                    views, image_size, stats, norm_mode, few_shot, fraction, seed)
+        self._cache_dir, self._cache, self._mm = cache_dir, None, None
+
+    def cache_frames(self):
+        """Decode every frame once, resized to S, into one uint8 memmap (N, V, 3, S, S) under cache_dir.
+
+        Video and JPEG decoding cost several times an HDF5 read per sample (benchmarks/bench_formats.py); with
+        the cache a sample is one slice. Segment by segment, in order (one seek per video file and segment);
+        written to a temporary name and renamed when complete, so an interrupted build is simply redone.
+        Call it after construction (the readers do when given cache_dir), before DataLoader workers start.
+        """
+        s, n = self.image_size, len(self.raw_actions)
+        tag = hashlib.sha1(json.dumps([str(Path(self.root).resolve()), self.key, s, list(self.views), self.cameras,
+                                       self.seg_start.tolist(), self.seg_end.tolist()]).encode()).hexdigest()[:16]
+        path = Path(self._cache_dir) / f"frames_{self.key}_{tag}_{s}.u8"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            mm = np.memmap(tmp, np.uint8, "w+", shape=(n, len(self.views), 3, s, s))
+            for seg in range(len(self.seg_start)):
+                rows = np.arange(self.seg_start[seg], self.seg_end[seg] + 1)
+                for a in range(0, len(rows), 64):  # bounded memory for long episodes
+                    frames = self._load_frames(seg, rows[a:a + 64])
+                    for k, v in enumerate(self.views):
+                        mm[rows[a:a + 64], k] = resize_images(frames[v], s).numpy()
+            mm.flush()
+            del mm
+            os.replace(tmp, path)
+        self._cache, self._mm = path, None
+        return path
+
+    def _images(self, seg, frames):
+        if self._cache is None:
+            return super()._images(seg, frames)
+        if self._mm is None:  # opened lazily: a memmap must not be pickled into DataLoader workers
+            self._mm = np.memmap(self._cache, np.uint8, "r", shape=(len(self.raw_actions), len(self.views), 3,
+                                                                    self.image_size, self.image_size))
+        return torch.from_numpy(np.array(self._mm[int(frames[0]):int(frames[-1]) + 1]))  # (H, V, 3, S, S)
+
+    def __getstate__(self):  # workers get a copy without open decoders or memmaps
+        d = dict(self.__dict__)
+        d.update(_mm=None, _containers={}, _pid=None)
+        return d
+
+    @property
+    def episodes(self):  # one entry per segment, like HDF5Dataset.episodes (train.py prints the count)
+        return list(range(len(self.seg_start)))
+
+    def episode_frames(self, seg):
+        """{view: uint8 (T, h, w, 3)}, actions (T, 7) raw, instruction of segment `seg` (data.py convert)."""
+        rows = np.arange(self.seg_start[seg], self.seg_end[seg] + 1)
+        return self._load_frames(seg, rows), self.raw_actions[rows], self.instructions[seg]
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 4e. LeRobotDataset reader (codebase v3.0; v2.0 / v2.1)
+# -----------------------------------------------------------------------------------------------------------
+
+class LeRobotDataset(_FormatDataset):
+    """Windows from a local LeRobotDataset folder (docs/data_formats.md), without the lerobot package.
+
+    Reads meta/info.json (fps, features, path templates), the episodes table (v3: meta/episodes/*/*.parquet, v2:
+    meta/episodes.jsonl), the tasks (v3: meta/tasks.parquet, v2: meta/tasks.jsonl) and the data parquet files
+    (action, timestamp, episode/frame/task index, observation.state). Camera frames come from the mp4 files
+    (dtype video: decoded with PyAV at the episode's offset in the file + the parquet timestamp) or from the
+    PNG bytes in the parquet (dtype image). A segment is a run of one episode's frames under one task.
+    Statistics are computed from the mapped 7-d actions (meta/stats.json describes the raw action, and its
+    quantiles are histogram estimates). cameras: {view: feature key} (default: pick_cameras).
+    cache_dir: decode every frame once into a resized uint8 memmap there (cache_frames); tolerance_s: how far
+    a decoded frame's time may lie from the parquet timestamp (LeRobot's default 1e-4 s).
+    """
+
+    def __init__(self, root, window, chunk, views=VIEWS, image_size=224, stats=None, key=None, cameras=None,
+                 action_dims=None, gripper_closed_high=False, state=False, few_shot=None, fraction=None, seed=0,
+                 norm_mode="quantile", tolerance_s=1e-4, cache_dir=None):
+        pq = _need("pyarrow.parquet", "pyarrow", "a LeRobotDataset")
+        self.root = root = Path(root)
+        window, chunk, views, image_size = _check_window_args(window, chunk, views, image_size)
+        try:
+            info = json.loads((root / "meta" / "info.json").read_text())
+            version, feats, self.control_hz = str(info["codebase_version"]), info["features"], float(info["fps"])
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(f"{root}/meta/info.json: not a LeRobotDataset info file ({type(e).__name__}: {e})") from e
+        if version not in ("v2.0", "v2.1", "v3.0"):
+            raise DataError(f"{root}: LeRobotDataset codebase_version {version!r}; this reader knows v2.0, v2.1, v3.0")
+        v3, where = version == "v3.0", f"{root} (LeRobotDataset {version})"
+        cams = [k for k, f in feats.items() if f.get("dtype") in ("video", "image") and not
+                (f.get("info") or {}).get("video.is_depth_map", (f.get("info") or {}).get("is_depth_map"))]
+        self.cameras = pick_cameras(cams, views, cameras, where)  # depth videos are not cameras here
+        if "action" not in feats:
+            raise DataError(f"{where}: no 'action' feature (features: {sorted(feats)})")
+        if v3:  # tasks.parquet keeps the task string as the pandas index
+            t = pq.read_table(root / "meta" / "tasks.parquet").to_pydict()
+            task_of = dict(zip(t["task_index"], t.get("task") or t.get("__index_level_0__")))
+            eps = _concat_parquet(pq, sorted((root / "meta" / "episodes").glob("*/*.parquet")),
+                                  ["episode_index", "length", "data/chunk_index", "data/file_index"] +
+                                  [f"videos/{k}/{c}" for k in self.cameras.values() if feats[k]["dtype"] == "video"
+                                   for c in ("chunk_index", "file_index", "from_timestamp")])
+        else:
+            task_of = {d["task_index"]: d["task"] for d in _jsonl(root / "meta" / "tasks.jsonl")}
+            eps = {}
+            for d in _jsonl(root / "meta" / "episodes.jsonl"):
+                for k in ("episode_index", "length"):
+                    eps.setdefault(k, []).append(d[k])
+        self.video = {}  # {episode: {camera: (mp4 path, the episode's first frame time in it)}}
+        files = {}  # data parquet path -> episodes in it
+        for i, ep in enumerate(eps["episode_index"]):
+            if v3:
+                path = info["data_path"].format(chunk_index=eps["data/chunk_index"][i],
+                                                file_index=eps["data/file_index"][i])
+                vid = {k: (info["video_path"].format(video_key=k, chunk_index=eps[f"videos/{k}/chunk_index"][i],
+                                                     file_index=eps[f"videos/{k}/file_index"][i]),
+                           float(eps[f"videos/{k}/from_timestamp"][i]))
+                       for k in self.cameras.values() if feats[k]["dtype"] == "video"}
+            else:
+                c = ep // int(info.get("chunks_size", 1000))
+                path = info["data_path"].format(episode_chunk=c, episode_index=ep)
+                vid = {k: (info["video_path"].format(episode_chunk=c, video_key=k, episode_index=ep), 0.0)
+                       for k in self.cameras.values() if feats[k]["dtype"] == "video"}
+            files.setdefault(path, set()).add(ep)
+            self.video[ep] = {k: (str(root / p), t0) for k, (p, t0) in vid.items()}
+        images = [k for k in self.cameras.values() if feats[k]["dtype"] == "image"]
+        cols = ["episode_index", "frame_index", "timestamp", "task_index", "action"] + images + \
+               (["observation.state"] if state else [])
+        tabs = []
+        for path, want in files.items():
+            try:
+                tab = pq.read_table(root / path, columns=cols)
+            except Exception as e:  # missing file, missing column (ArrowInvalid), damaged footer
+                raise DataError(f"{root / path}: cannot read columns {cols} ({type(e).__name__}: {e})") from e
+            keep = np.isin(tab.column("episode_index").to_numpy(), list(want))
+            tabs.append(tab.filter(keep) if not keep.all() else tab)
+        import pyarrow as pa
+        tab = pa.concat_tables(tabs)
+        ep_col, fi = tab.column("episode_index").to_numpy(), tab.column("frame_index").to_numpy()
+        order = np.lexsort((fi, ep_col))  # rows sorted by (episode, frame)
+        ep_col, fi = ep_col[order], fi[order]
+        self.timestamps = tab.column("timestamp").to_numpy().astype(np.float64)[order]  # (N,) seconds
+        task = tab.column("task_index").to_numpy()[order]
+        actions = _list_column(tab, "action")[order]  # (N, D)
+        self._png = {k: tab.column(k).take(pa.array(order)).combine_chunks().field("bytes") for k in images}
+        new_ep = np.r_[True, ep_col[1:] != ep_col[:-1]]
+        gap = np.nonzero(~new_ep & (fi != np.r_[-1, fi[:-1]] + 1))[0]
+        if len(gap):
+            raise DataError(f"{where}: episode {ep_col[gap[0]]} jumps from frame_index {fi[gap[0] - 1]} to "
+                            f"{fi[gap[0]]}: frames are missing or repeated in the data files")
+        n_rows = np.bincount(ep_col, minlength=max(eps["episode_index"]) + 1)
+        bad = [(e, n) for e, n in zip(eps["episode_index"], eps["length"]) if n_rows[e] != n]
+        if bad:
+            raise DataError(f"{where}: episode {bad[0][0]} has length {bad[0][1]} in the episodes table but "
+                            f"{n_rows[bad[0][0]]} rows in the data files")
+        start = np.nonzero(new_ep | np.r_[True, task[1:] != task[:-1]])[0]  # segment = one task within an episode
+        end = np.r_[start[1:] - 1, len(task) - 1]
+        unknown = sorted(set(task[start].tolist()) - set(task_of))
+        if unknown:
+            raise DataError(f"{where}: task_index {unknown[:5]} not in the tasks table (has {sorted(task_of)[:10]})")
+        a7, _ = map_action7({"": actions}, where, action_dims, _feature_names(feats["action"]))
+        self.seg_ep = ep_col[start]
+        self.tolerance_s, self._containers, self._pid = tolerance_s, {}, None
+        st = _list_column(tab, "observation.state")[order] if state else None  # (N, D)
+        self._finish(key or root.name, a7, st, start, end, [task_of[t] for t in task[start]], stats,
+                     gripper_closed_high, window, chunk, views, image_size, norm_mode, few_shot, fraction, seed,
+                     cache_dir)
+        self.with_state, self.n_bad, self.bad = bool(state), 0, []
+        self.seg_ep = self.seg_ep[self.seg_keep]
+        if cache_dir:
+            self.cache_frames()
+
+    def _load_frames(self, seg, frames):
+        if self._pid != os.getpid():  # decoders must not cross a fork: reopen in each worker
+            self._containers, self._pid = {}, os.getpid()
+        ep, out = int(self.seg_ep[seg]), {}
+        for v in self.views:
+            k = self.cameras[v]
+            if k in self._png:
+                out[v] = np.stack([decode_image(self._png[k][int(r)].as_py()) for r in frames])
+                continue
+            path, t0 = self.video[ep][k]
+            if path not in self._containers:
+                av = _need("av", "av", "LeRobotDataset videos")
+                if len(self._containers) >= 16:  # bound the open files per worker
+                    self._containers.pop(next(iter(self._containers))).close()
+                try:
+                    self._containers[path] = c = av.open(path)
+                    # one decoding thread: the DataLoader workers are the parallelism, and FFmpeg's threads do
+                    # not survive fork (workers forked from a process that had encoded video, as the tests do,
+                    # hung in a threaded decoder)
+                    c.streams.video[0].codec_context.thread_count = 1
+                except (OSError, av.FFmpegError) as e:
+                    raise DataError(f"{path}: cannot open the video of camera {k!r} ({e})") from e
+            out[v] = decode_video_frames(self._containers[path], t0 + self.timestamps[frames], self.tolerance_s,
+                                         f"{path} (episode {ep}, camera {k!r})")
+        return out
+
+
+def _jsonl(path):
+    try:
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable JSON-lines file ({type(e).__name__}: {e})") from e
+
+
+def _concat_parquet(pq, paths, columns):
+    """`columns` of several parquet files -> {column: list}."""
+    if not paths:
+        raise DataError("LeRobotDataset v3: no meta/episodes/chunk-*/file-*.parquet files found")
+    out = {}
+    for p in paths:
+        try:
+            tab = pq.read_table(p, columns=columns)
+        except Exception as e:  # pyarrow raises several types for a missing column or a damaged file
+            raise DataError(f"{p}: cannot read episode columns {columns} ({type(e).__name__}: {e})") from e
+        for k, v in tab.to_pydict().items():
+            out.setdefault(k, []).extend(v)
+    return out
+
+
+def _list_column(tab, name):
+    """A fixed-size-list parquet column (LeRobot shape (D,)) -> float32 (N, D)."""
+    import pyarrow.compute as pc
+    col = tab.column(name)
+    flat = pc.list_flatten(col).to_numpy().astype(np.float32)
+    return flat.reshape(len(col), -1)
+
+
+def _feature_names(feat):
+    names = feat.get("names")
+    if isinstance(names, dict):  # {"motors": [...]} in older files
+        names = next(iter(names.values()), None)
+    return names if isinstance(names, list) else None
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 4f. RLDS / TFDS reader (Open X-Embodiment TFRecord shards, no TensorFlow)
+# -----------------------------------------------------------------------------------------------------------
+
+RLDS_CONTROL_HZ = {"fractal20220817_data": 3, "bridge": 5, "bridge_dataset": 5, "bridge_orig": 5}  # OXE spreadsheet
+RLDS_INSTRUCTION_KEYS = ("steps/language_instruction", "steps/observation/natural_language_instruction",
+                         "steps/observation/language_instruction")
+
+
+def _masked_crc(b):
+    import crc32c  # installed with the tfrecord package
+    c = crc32c.crc32c(b)
+    return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tfrecord_records(path, verify=True):
+    """Yield (offset, bytes) of every record of an uncompressed TFRecord file.
+
+    Framing per record (little-endian): uint64 length, uint32 masked CRC-32C of those 8 bytes, the data, uint32
+    masked CRC-32C of the data. verify: check both CRCs (a damaged shard raises, naming the offset).
+    """
+    with open(path, "rb") as f:
+        while True:
+            off = f.tell()
+            head = f.read(12)
+            if not head:
+                return
+            n = int.from_bytes(head[:8], "little")
+            body = f.read(n + 4) if len(head) == 12 else b""
+            if len(body) != n + 4 or (verify and (_masked_crc(head[:8]) != int.from_bytes(head[8:], "little") or
+                                                  _masked_crc(body[:n]) != int.from_bytes(body[n:], "little"))):
+                raise DataError(f"{path}: damaged TFRecord at byte {off} (truncated or CRC mismatch); a GZIP/ZLIB-"
+                                f"compressed shard is not supported, re-download or decompress it")
+            yield off, body[:n]
+
+
+def _tfds_leaves(node, prefix=""):
+    """features.json (a TFDS FeaturesDict tree) -> {flat key: leaf spec}; steps/... keys are the per-step ones."""
+    if "featuresDict" in node:
+        out = {}
+        for k, v in node["featuresDict"]["features"].items():
+            out.update(_tfds_leaves(v, f"{prefix}{k}/"))
+        return out
+    if "sequence" in node:  # the RLDS `steps` Dataset: its leaves gain the leading step dim
+        return _tfds_leaves(node["sequence"]["feature"], prefix)
+    spec = node.get("tensor") or node.get("image") or {}
+    cls = node.get("pythonClassName", "").rsplit(".", 1)[-1]  # Tensor, Scalar, Image, Text (bridge_orig's instruction)
+    return {prefix[:-1]: {"cls": cls, "dtype": "string" if cls == "Text" else spec.get("dtype"),
+                          "shape": [int(d) for d in spec.get("shape", {}).get("dimensions", [])],
+                          "encoding": spec.get("encoding", "none"), "description": node.get("description", "")}}
+
+
+def _example_values(feature, spec, t, where):
+    """One Example feature -> numpy (T, *shape) (tensors) or a list of T bytes (images, strings)."""
+    import zlib
+    kind = feature.WhichOneof("kind")
+    if spec["cls"] == "Image" or spec["dtype"] == "string":
+        vals = list(feature.bytes_list.value)
+        return vals if spec["cls"] == "Image" else [v.decode("utf-8", "replace") for v in vals]
+    if spec["encoding"] in ("bytes", "zlib"):  # raw numpy bytes, one entry per step (TFDS tensor_feature)
+        vals = [zlib.decompress(v) if spec["encoding"] == "zlib" else v for v in feature.bytes_list.value]
+        return np.stack([np.frombuffer(v, spec["dtype"]).reshape(spec["shape"]) for v in vals])
+    vals = np.asarray(feature.float_list.value if kind == "float_list" else feature.int64_list.value)
+    if vals.size != t * int(np.prod(spec["shape"])):
+        raise DataError(f"{where}: {vals.size} values, expected {t} steps x shape {spec['shape']}")
+    return vals.reshape(t, *spec["shape"])
+
+
+class RLDSDataset(_FormatDataset):
+    """Windows from a local RLDS dataset as TFDS writes it (Open X-Embodiment: bridge, fractal, ...), no TensorFlow.
+
+    Reads dataset_info.json (name, splits) and features.json (the key tree), then every TFRecord shard
+    <name>-<split>.tfrecord-XXXXX-of-YYYYY: one tf.train.Example per episode, parsed with the `tfrecord`
+    package's Example class, step fields flattened as steps/observation/image etc. and packed over the steps.
+    Construction reads every episode once (actions, instruction, length, record offset); a sample re-reads
+    its episode's record and decodes the H JPEG/PNG frames it needs. A segment is a run of one episode's steps
+    under one instruction, without the is_last step (RLDS: the last step's action is not valid). Steps
+    without an instruction are skipped (counted in .n_bad). cameras: {view: key under steps/observation/}.
+    cache_dir: decode every frame once into a resized uint8 memmap there (cache_frames). verify: check CRCs.
+    """
+
+    def __init__(self, root, window, chunk, views=VIEWS, image_size=224, stats=None, key=None, cameras=None,
+                 split="train", action_dims=None, gripper_closed_high=False, state=False, few_shot=None,
+                 fraction=None, seed=0, norm_mode="quantile", verify=True, control_hz=None, cache_dir=None):
+        example_pb2 = _need("tfrecord.example_pb2", "tfrecord", "an RLDS dataset")
+        self.root = root = Path(root)
+        window, chunk, views, image_size = _check_window_args(window, chunk, views, image_size)
+        try:
+            info = json.loads((root / "dataset_info.json").read_text())
+            leaves = _tfds_leaves(json.loads((root / "features.json").read_text()))
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(f"{root}: not a TFDS dataset folder (dataset_info.json + features.json): "
+                            f"{type(e).__name__}: {e}") from e
+        name, where = info.get("name", root.name), f"{root} (RLDS)"
+        self.control_hz = control_hz or RLDS_CONTROL_HZ.get(name)
+        obs = "steps/observation/"
+        cams = [k[len(obs):] for k, s in leaves.items() if k.startswith(obs) and s["cls"] == "Image"]
+        self.cameras = pick_cameras(cams, views, cameras, where)
+        instr_key = next((k for k in RLDS_INSTRUCTION_KEYS if k in leaves), None)
+        act_keys = [k for k in leaves if k == "steps/action" or k.startswith("steps/action/")]
+        if instr_key is None or not act_keys:
+            missing = f"language instruction {RLDS_INSTRUCTION_KEYS}" if instr_key is None else "steps/action"
+            raise DataError(f"{where}: features.json has no {missing}; "
+                            f"step keys: {sorted(k for k in leaves if k.startswith('steps/'))}")
+        state_key = obs + "state" if state else None
+        if state and state_key not in leaves:
+            raise DataError(f"{where}: state=True but features.json has no {state_key}")
+        self.shards = sorted(str(p) for p in root.glob(f"{name}-{split}.tfrecord-*"))
+        if not self.shards:
+            raise DataError(f"{where}: no TFRecord shards {name}-{split}.tfrecord-* (files: "
+                            f"{sorted(p.name for p in root.iterdir())[:10]}); splits in dataset_info.json: "
+                            f"{[s.get('name') for s in info.get('splits', [])]}")
+        self._pb, self._leaves, self.verify = example_pb2, leaves, verify
+        self.records, acts, sts, instrs, lengths, self.n_bad, self.bad = [], [], [], [], [], 0, []
+        for si, shard in enumerate(self.shards):
+            for off, rec in tfrecord_records(shard, verify):
+                ex, w = self._parse(rec), f"{shard} record at byte {off}"
+                if "steps/is_first" not in ex:
+                    raise DataError(f"{w}: no steps/is_first field; is this an RLDS episode (TFDS Example)?")
+                t = len(ex["steps/is_first"].int64_list.value)  # the episode's step count
+                last = np.asarray(ex["steps/is_last"].int64_list.value if "steps/is_last" in ex else [0] * t, bool)
+                n = t - int(bool(t) and last[-1])  # steps with a valid action
+                instr = [s.strip() for s in _example_values(ex[instr_key], leaves[instr_key], t, w)[:n]]
+                parts = {k[len("steps/action/"):] if k != "steps/action" else "":
+                         _example_values(ex[k], leaves[k], t, w)[:n] for k in act_keys}
+                a7, kind = map_action7(parts, w, action_dims, [leaves[k]["description"] for k in act_keys])
+                if kind == "relative":  # gripper events integrate over the whole episode
+                    a7[:, 6] = relative_to_absolute_gripper(a7[:, 6])
+                st = _example_values(ex[state_key], leaves[state_key], t, w)[:n].reshape(n, -1) if state else None
+                cut = [0] + [i for i in range(1, n) if instr[i] != instr[i - 1]] + [n]  # one segment per instruction
+                for a, b in zip(cut[:-1], cut[1:]):
+                    if not instr[a]:
+                        self.n_bad += 1
+                        self.bad.append(f"{w}: steps {a}..{b - 1} have no language instruction")
+                        continue
+                    acts.append(a7[a:b])
+                    sts.append(st[a:b] if state else None)
+                    instrs.append(instr[a])
+                    lengths.append(b - a)
+                    self.records.append((si, off, a))
+        if not self.records:
+            raise DataError(f"{where}: no usable episodes ({self.n_bad} skipped; first: {self.bad[:1]})")
+        if self.n_bad:
+            warnings.warn(f"RLDSDataset {root}: skipped {self.n_bad} episode(s); first: {self.bad[0]}")
+        lengths = np.asarray(lengths)
+        start = np.cumsum(lengths) - lengths
+        self._finish(key or name, np.concatenate(acts), np.concatenate(sts) if state else None, start,
+                     start + lengths - 1, instrs, stats, gripper_closed_high, window, chunk, views, image_size,
+                     norm_mode, few_shot, fraction, seed, cache_dir)
+        self.with_state = bool(state)
+        self.records = [self.records[i] for i in self.seg_keep]
+        if cache_dir:
+            self.cache_frames()
+
+    def _parse(self, rec):
+        ex = self._pb.Example()
+        ex.ParseFromString(rec)
+        return ex.features.feature
+
+    def _load_frames(self, seg, frames):
+        si, off, step0 = self.records[seg]
+        with open(self.shards[si], "rb") as f:  # one record: the episode
+            f.seek(off)
+            n = int.from_bytes(f.read(12)[:8], "little")
+            ex = self._parse(f.read(n))
+        lo = int(self.seg_start[seg]) - step0  # row of the episode's step 0
+        out = {}
+        for v in self.views:
+            imgs = ex["steps/observation/" + self.cameras[v]].bytes_list.value
+            out[v] = np.stack([decode_image(imgs[int(r) - lo]) for r in frames])
+        return out
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 4g. Which reader: a path -> its format -> a dataset
+# -----------------------------------------------------------------------------------------------------------
+
+def detect_format(path):
+    """'lerobot' (a folder with meta/info.json), 'rlds' (dataset_info.json + features.json), 'calvin' (any
+    other folder: a CALVIN split directory) or 'hdf5' (a file)."""
+    p = Path(path)
+    if (p / "meta" / "info.json").is_file():
+        return "lerobot"
+    if (p / "dataset_info.json").is_file() and (p / "features.json").is_file():
+        return "rlds"
+    return "calvin" if p.is_dir() else "hdf5"
+
+
+def open_dataset(path, window, chunk, views=VIEWS, image_size=224, cameras=None, **kw):
+    """Any supported dataset at `path` (detect_format); kw goes to its reader (stats, key, state, ...)."""
+    fmt = detect_format(path)
+    if fmt == "lerobot":
+        return LeRobotDataset(path, window, chunk, views, image_size, cameras=cameras, **kw)
+    if fmt == "rlds":
+        return RLDSDataset(path, window, chunk, views, image_size, cameras=cameras, **kw)
+    if fmt == "calvin":
+        root, split = os.path.split(os.path.normpath(path))
+        return CalvinDataset(root, split, window, chunk, views, image_size, **kw)
+    return HDF5Dataset(path, window, chunk, views, image_size, **kw)
+
+
+def convert_to_hdf5(ds, out, control_hz=None):
+    """Write every segment of a LeRobot/RLDS dataset to an HDF5 episode file (native image size, 7-d actions with
+    the gripper at +-1, one episode per segment), keyed with the dataset's key. Returns the episode count."""
+    hz = control_hz or getattr(ds, "control_hz", None)
+    if not hz:
+        raise DataError(f"{ds.root}: the control rate is not stored in this dataset; pass --control-hz")
+    attrs = {"control_hz": float(hz), "dataset_key": ds.key, "source": str(ds.root),
+             "action_convention": "xyz delta, rpy delta as recorded by the source dataset; gripper +1 open / -1 closed"}
+    with EpisodeWriter(out, attrs) as w:
+        for seg in range(len(ds.seg_start)):
+            images, actions, instruction = ds.episode_frames(seg)
+            state = ds.state[ds.seg_start[seg]:ds.seg_end[seg] + 1] if ds.with_state else None
+            w.add_episode(images, actions, instruction, instruction, state)
+    return len(ds.seg_start)
+
+
+# -----------------------------------------------------------------------------------------------------------
 # 5. DataLoader (workers, DistributedSampler)
 # -----------------------------------------------------------------------------------------------------------
 
@@ -952,10 +1574,41 @@ def make_dataloader(dataset, batch_size, num_workers=0, shuffle=True, drop_last=
 # Command line: check a dataset and write its statistics
 # -----------------------------------------------------------------------------------------------------------
 
-def main(argv=None):
-    """python data.py PATH [...]: validate a CALVIN root or HDF5 file(s), print counts, optionally save stats."""
+def convert_main(argv):
+    """python data.py convert SRC --to out.h5: a LeRobot or RLDS dataset folder -> one HDF5 episode file."""
     import argparse
 
+    p = argparse.ArgumentParser(prog="data.py convert", description=convert_main.__doc__)
+    p.add_argument("src", help="a LeRobotDataset folder (meta/info.json) or an RLDS/TFDS folder (features.json)")
+    p.add_argument("--to", required=True, help="the HDF5 file to write (appended to if it exists)")
+    p.add_argument("--views", default="static,wrist", help="cameras to keep (data.VIEWS names)")
+    p.add_argument("--cameras", default=None, help="VIEW=KEY,... (default: picked by name, data.pick_cameras)")
+    p.add_argument("--action-dims", default=None, help="7 comma-separated indices into a flat action vector")
+    p.add_argument("--control-hz", type=float, default=None, help="needed when the source does not store it")
+    p.add_argument("--state", action="store_true", help="also copy observation.state")
+    args = p.parse_args(argv)
+    if detect_format(args.src) not in ("lerobot", "rlds"):
+        raise SystemExit(f"{args.src}: not a LeRobotDataset folder (meta/info.json) or an RLDS folder "
+                         f"(dataset_info.json + features.json)")
+    dims = [int(i) for i in args.action_dims.split(",")] if args.action_dims else None
+    try:
+        ds = open_dataset(args.src, 1, 1, tuple(args.views.split(",")), 224, cameras=parse_cameras(args.cameras),
+                          action_dims=dims, state=args.state)
+        n = convert_to_hdf5(ds, args.to, args.control_hz)
+    except (DataError, ImportError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"{args.src} -> {args.to}: {n} episodes, {len(ds.raw_actions)} frames, cameras {ds.cameras}, "
+          f"key {ds.key!r}")
+
+
+def main(argv=None):
+    """python data.py PATH [...]: validate a CALVIN root or HDF5 file(s), print counts, optionally save stats.
+    python data.py convert SRC --to out.h5: convert a LeRobot / RLDS dataset (convert_main)."""
+    import argparse
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert"]:
+        return convert_main(argv[1:])
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("paths", nargs="+", help="a CALVIN root (with training/) or one or more HDF5 episode files")
     p.add_argument("--split", default="training", help="CALVIN split folder")
@@ -967,7 +1620,10 @@ def main(argv=None):
     p.add_argument("--stats-out", default=None, help="write {dataset_key: stats} JSON here")
     args = p.parse_args(argv)
     views = tuple(v for v in args.views.split(",") if v)
-    if len(args.paths) == 1 and Path(args.paths[0]).is_dir():
+    if len(args.paths) == 1 and detect_format(args.paths[0]) in ("lerobot", "rlds"):
+        ds = open_dataset(args.paths[0], args.window, args.chunk, views)
+        extra = f"cameras {ds.cameras}, control rate {ds.control_hz} Hz"
+    elif len(args.paths) == 1 and Path(args.paths[0]).is_dir():
         ds = CalvinDataset(args.paths[0], args.split, args.window, args.chunk, views, skip_bad=args.skip_bad,
                            cache_dir=args.cache_dir)
         extra = f"{len(ds.frame_ids)} annotated frames"

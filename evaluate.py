@@ -1397,6 +1397,46 @@ def run_metaworld_eval(ckpt, episodes=10, seed=0, execution=None, tasks=None, ou
     return results, write_results(out, results, header)
 
 
+def run_replay_eval(ckpt, datasets, episodes=10, execution="first", device="cpu", out=None):
+    """--data runs without a simulator: replay recorded episodes through Policy.act, frame by frame in order.
+
+    For each dataset (keyed by its statistics key) the first `episodes` segments are fed to a Policy built for
+    that key (its own history and action execution, exactly as in closed loop; only the next frame comes from
+    the recording instead of the environment) and each returned action is compared with the recorded one:
+    pose L1 in normalized units (dims 0-5, eq. 6) and gripper sign agreement. "zero L1" is the L1 of always
+    predicting the middle of the normalized range, a floor to read the number against. These are the training
+    datasets' own episodes: a fit check of the run, not a generalization result. Writes replay.md under `out`.
+    """
+    from vla import Policy, load_checkpoint, normalize_action
+    model, stats, _ = load_checkpoint(str(ckpt), device)
+    lines = ["| dataset | segments | frames | pose L1 | zero L1 | gripper agreement |", "|---|---|---|---|---|---|"]
+    results = {}
+    for ds in datasets:
+        policy = Policy(model, stats, execution=execution, dataset_key=ds.key)
+        pred, true = [], []
+        for seg in range(min(episodes, len(ds.seg_start))):
+            rows = np.arange(ds.seg_start[seg], ds.seg_end[seg] + 1)
+            frames = ds._load_frames(seg, rows)  # {view: (T, h, w, 3)}
+            policy.reset()
+            for i, r in enumerate(rows):
+                pred.append(policy.act({v: frames[v][i] for v in ds.views}, ds.instructions[seg]))
+                true.append(ds.raw_actions[r])
+        norm = dict(mode=model.config.action_norm, bound=model.config.norm_bound)
+        p, t = normalize_action(np.stack(pred), ds.stats, **norm), normalize_action(np.stack(true), ds.stats, **norm)
+        results[ds.key] = res = {"segments": seg + 1, "frames": len(t), "pose_l1": float(np.abs(p - t)[:, :6].mean()),
+                               "zero_l1": float(np.abs(t[:, :6]).mean()),
+                               "gripper_agreement": float((np.sign(p[:, 6]) == np.sign(t[:, 6])).mean())}
+        lines.append(f"| {ds.key} | {res['segments']} | {res['frames']} | {res['pose_l1']:.3f} | "
+                     f"{res['zero_l1']:.3f} | {100 * res['gripper_agreement']:.0f}% |")
+    text = (f"## Replay of recorded episodes (Policy.act frame by frame, execution `{execution}`)\n\n"
+            + "\n".join(lines) + "\n")
+    out = Path(out or ckpt)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "replay.md").write_text(text)
+    _write_json(out / "replay.json", results)
+    return results, text
+
+
 def _init_distributed():
     """Under torchrun (WORLD_SIZE > 1) start the process group once; returns (rank, world_size)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

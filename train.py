@@ -104,8 +104,13 @@ def parse_args(argv=None):
     e.add_argument("--max-steps", type=int, default=200, help="evaluation episode step limit")
     s = p.add_argument_group("scale-out, fault tolerance, data recipes (§II-E)")
     s.add_argument("--data", nargs="+", default=None, metavar="PATH", help="train on these HDF5 files (data."
-                   "EpisodeWriter; a CALVIN split directory also works) instead of Meta-World demos; one = "
-                   "finetune, several = co-train on their weighted mixture")
+                   "EpisodeWriter; a CALVIN split directory, a LeRobotDataset folder or an RLDS/TFDS folder also "
+                   "work: docs/data_formats.md) instead of Meta-World demos; one = finetune, several = co-train on "
+                   "their weighted mixture")
+    s.add_argument("--cameras", nargs="+", default=None, metavar="MAP", help="LeRobot/RLDS camera keys, one "
+                   "per --data path: auto (picked by name) or VIEW=KEY,... e.g. static=observation.images.top")
+    s.add_argument("--cache-frames", action="store_true", help="LeRobot/RLDS: decode every frame once into a "
+                   "resized uint8 memmap under --cache-dir (N x views x 3 x S x S bytes); samples then skip decoding")
     s.add_argument("--data-weights", nargs="+", type=float, default=None, metavar="W",
                    help="co-training mixture weights, one per --data path (default: equal)")
     s.add_argument("--init-from", default=None, metavar="RUN_DIR", help="post-train: start from this "
@@ -203,9 +208,17 @@ def build_data_mixture(args):
     if len(w) != len(args.data):
         raise SystemExit(f"--data-weights has {len(w)} values for {len(args.data)} --data paths: give one each")
     kw = dict(window=args.window, chunk=args.chunk, views=tuple(args.views), image_size=args.image_size)
+    cams = getattr(args, "cameras", None) or ["auto"] * len(args.data)
+    if len(cams) != len(args.data):
+        raise SystemExit(f"--cameras has {len(cams)} values for {len(args.data)} --data paths: give one each (auto)")
     sets = []
-    for path in args.data:
-        if os.path.isdir(path):
+    for path, cam in zip(args.data, cams):
+        if data.detect_format(path) in ("lerobot", "rlds"):  # docs/data_formats.md
+            sets.append(data.open_dataset(path, cameras=data.parse_cameras(cam), **kw,
+                                          cache_dir=args.cache_dir if getattr(args, "cache_frames", False) else None))
+            print(f"--data {path}: {type(sets[-1]).__name__} {sets[-1].key!r}, cameras {sets[-1].cameras}, "
+                  f"{sets[-1].control_hz} Hz")
+        elif os.path.isdir(path):
             root, split = os.path.split(os.path.normpath(path))
             sets.append(data.CalvinDataset(root, split, **kw))
         else:
@@ -917,8 +930,13 @@ def main(argv=None):
     t_train = time.time() - t1
     print(f"training: {args.steps} steps in {t_train:.0f} s; checkpoint in {run_dir}")
     t_eval = 0.0
-    if args.data and args.eval_episodes > 0:
-        print("(no closed-loop evaluation for --data runs: evaluate the checkpoint with evaluate.py)")
+    if args.data and args.eval_episodes > 0:  # no simulator here: replay recorded episodes (rank 0)
+        if rank == 0:
+            t2 = time.time()
+            _, text = evaluate.run_replay_eval(run_dir, getattr(dataset, "datasets", [dataset]), args.eval_episodes,
+                                               args.execution, device=str(device))
+            t_eval = time.time() - t2
+            print(text + "(closed loop in a simulator: evaluate.py --ckpt RUN_DIR --benchmark calvin / simpler)")
     elif args.eval_episodes > 0:  # under torchrun every rank runs its share of the episodes
         t2 = time.time()
         _, text = evaluate.run_metaworld_eval(run_dir, args.eval_episodes, args.eval_seed, args.execution,

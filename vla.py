@@ -1,234 +1,37 @@
-"""The VLA: action arithmetic, the four formulations around a VLM, losses, and the closed-loop Policy.
+"""The VLA: the four formulations of §III-C around a VLM, the closed-loop Policy, checkpoints.
 
-Read top to bottom:
-  1. action math (pure functions): statistics, normalization eq. (5)-(6), the discrete action tokenizer
-     (§III-B-1), the losses eq. (7)-(8), and the execution strategies of Table II (Chunk / First / Ensemble).
-  2. the VLA itself (formulations of §III-C), the Policy used by every environment, checkpoints.
+Stands on: backbones.py (the VLMs), data.py (image preprocessing, action statistics and normalization eq. (5)-(6)),
+heads.py (policy heads, the action expert, the losses eq. (7)-(8)). Offers, top to bottom:
+  1. the discrete action tokenizer (§III-B-1) and 2. the execution strategies of Table II (Chunk / First /
+     Ensemble), pure action math;
+  3. VLAConfig (presets tiny / metaworld / paper), the VLA itself, how each formulation predicts, the Policy used
+     by every environment, and checkpoints (save_checkpoint / load_checkpoint).
 
 Notation follows the paper: H = history window (frames), L = action chunk length, actions are 7-d
 [dx, dy, dz, droll, dpitch, dyaw, gripper] with the gripper canonically +1 = open, -1 = closed (CALVIN's
 convention). Note the official code calls H `window_size` and L `fwd_pred_next_n`.
 """
 
+import collections
+import dataclasses
+import hashlib
+import json
 import math
+import os
+import shutil
+import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn as nn
 
-ACTION_DIM = 7  # 6 pose dims + 1 binary gripper
-POSE_DIM = 6
-
-# -----------------------------------------------------------------------------------------------------------
-# 1. Action statistics
-# -----------------------------------------------------------------------------------------------------------
-
-# Above this many rows, quantiles come from a streaming histogram instead of an exact sort (see below).
-EXACT_QUANTILE_MAX_ROWS = 500_000
-HIST_BINS = 8192  # histogram resolution: quantile error <= (max - min) / 8192 ~ 1.2e-4 of the range
-STATS_CHUNK_ROWS = 262_144  # rows processed at a time in the streaming path
-
-
-# Implausible actions (a corrupt value such as 1e30 in a small dataset moves q99 to ~1e29 and with it the whole
-# normalization): a pose value farther than OUTLIER_FACTOR x the robust spread (q90 - q10 of its dimension) from
-# the dimension's median is refused. q10/q90 stay put unless > 10% of the rows are corrupt; a legit action 100x
-# the central 80% spread away from the median does not occur in CALVIN, Meta-World or teleoperation deltas.
-OUTLIER_FACTOR = 100.0
-OUTLIER_SAMPLE_ROWS = 200_000  # robust quantiles of big datasets come from an evenly strided sample of rows
-
-
-def find_implausible_actions(actions, factor=None):
-    """-> [(row, dim, value, (low, high))] of pose values (dims 0-5) outside median +- factor x (q90 - q10), at
-    most the first 1000 (enough to name them; a dataset with more is broken as a whole).
-
-    A dimension whose q10 == q90 (constant for most rows, e.g. an unused rotation) borrows the largest spread of
-    the other pose dims; if every pose dim is constant nothing is flagged. The gripper (dim 6) is binarized by
-    normalize_action and is never checked. actions: (N, D) array-like (np.memmap, h5py datasets work)."""
-    factor = OUTLIER_FACTOR if factor is None else factor
-    n, d = actions.shape
-    p = min(d, POSE_DIM)
-    step = max(1, n // OUTLIER_SAMPLE_ROWS)
-    sample = np.asarray(actions[::step], dtype=np.float64)[:, :p]  # (<= ~2 x OUTLIER_SAMPLE_ROWS, p)
-    med = np.median(sample, 0)
-    spread = np.quantile(sample, 0.9, 0) - np.quantile(sample, 0.1, 0)  # (p,)
-    if not (spread > DEGENERATE_RANGE).any():
-        return []
-    spread = np.where(spread > DEGENERATE_RANGE, spread, spread.max())
-    limit = factor * spread
-    out = []
-    for i in range(0, n, STATS_CHUNK_ROWS):
-        c = np.asarray(actions[i:i + STATS_CHUNK_ROWS], dtype=np.float64)[:, :p]
-        for r, j in np.argwhere(np.abs(c - med) > limit)[:1000 - len(out)]:
-            out.append((i + int(r), int(j), float(c[r, j]), (float(med[j] - limit[j]), float(med[j] + limit[j]))))
-        if len(out) >= 1000:
-            break
-    return out
-
-
-def compute_action_stats(actions, where=None):
-    """Per-dimension statistics of an action array (N, D), D is usually 7.
-
-    Refuses non-finite actions and implausible ones (find_implausible_actions: farther than OUTLIER_FACTOR x the
-    robust spread from the median); where(row) -> str names a row in the error (default "action row {row}";
-    the data readers pass the file, episode and frame).
-
-    Returns {"q01", "q99", "mean", "std", "min", "max"}: each a list of D floats, plus "count".
-    Quantiles are exact (numpy's linear interpolation) for N <= EXACT_QUANTILE_MAX_ROWS. Above that, two
-    streaming passes over row chunks (works on np.memmap / h5py datasets too, no sorted copy is ever held):
-    pass 1 gets min/max/mean/std in float64, pass 2 fills a HIST_BINS-bin histogram per dimension between
-    min and max and reads the 1% / 99% quantiles off the cumulative counts with linear interpolation inside
-    the bin. The error is below one bin width, i.e. < 1.3e-4 x (max - min), well inside 1e-3 of the range.
-    """
-    if len(getattr(actions, "shape", ())) != 2:
-        raise ValueError(f"compute_action_stats expects actions of shape (N, D), got shape "
-                         f"{getattr(actions, 'shape', None)}; stack your episodes' actions first")
-    n, d = actions.shape
-    if n == 0:
-        raise ValueError("compute_action_stats got 0 actions: the dataset is empty (check its path and filters)")
-
-    where = where or (lambda row: f"action row {row}")
-
-    def chunks():
-        for i in range(0, n, STATS_CHUNK_ROWS):
-            c = np.asarray(actions[i:i + STATS_CHUNK_ROWS], dtype=np.float64)
-            if not np.isfinite(c).all():
-                row, dim = np.argwhere(~np.isfinite(c))[0]
-                raise ValueError(f"{where(i + int(row))}, dim {dim} is {c[row, dim]}: statistics need finite "
-                                 f"actions; fix or drop the episode that contains it")
-            yield c
-
-    # pass 1: moments and range (float64 sums are accurate enough for millions of rows)
-    s, s2 = np.zeros(d), np.zeros(d)
-    lo, hi = np.full(d, np.inf), np.full(d, -np.inf)
-    for c in chunks():
-        s += c.sum(0)
-        s2 += (c * c).sum(0)
-        lo, hi = np.minimum(lo, c.min(0)), np.maximum(hi, c.max(0))
-    mean = s / n
-    std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
-    bad = find_implausible_actions(actions)
-    if bad:
-        row, dim, value, (lo_ok, hi_ok) = bad[0]
-        n_bad = f"{len(bad)}{'+' if len(bad) >= 1000 else ''}"
-        raise ValueError(f"{where(row)}, dim {dim} (0-5 pose) is {value:.6g}, implausibly far from the other "
-                         f"actions (this dimension's plausible range is [{lo_ok:.4g}, {hi_ok:.4g}]: median +- "
-                         f"{OUTLIER_FACTOR:g} x its q10-q90 spread); {n_bad} value(s) flagged. It would move the "
-                         f"q01/q99 normalization bounds: fix or drop that episode (or set vla.OUTLIER_FACTOR)")
-
-    if n <= EXACT_QUANTILE_MAX_ROWS:
-        a = np.asarray(actions[:], dtype=np.float64)
-        q01, q99 = np.quantile(a, 0.01, axis=0), np.quantile(a, 0.99, axis=0)
-    else:
-        # pass 2: per-dimension histograms between min and max
-        width = np.where(hi > lo, (hi - lo) / HIST_BINS, 1.0)
-        counts = np.zeros((d, HIST_BINS), dtype=np.int64)
-        for c in chunks():
-            idx = np.clip(((c - lo) / width).astype(np.int64), 0, HIST_BINS - 1)  # (n_chunk, d)
-            for j in range(d):
-                counts[j] += np.bincount(idx[:, j], minlength=HIST_BINS)
-        q01, q99 = np.empty(d), np.empty(d)
-        for j in range(d):
-            cdf = np.cumsum(counts[j])
-            for q, out in ((0.01, q01), (0.99, q99)):
-                target = q * (n - 1) + 1  # rank (1-based) of the sample at quantile q
-                b = int(np.searchsorted(cdf, target))  # first bin whose cumulative count reaches it
-                below = cdf[b - 1] if b > 0 else 0
-                frac = (target - below) / max(counts[j, b], 1)  # position inside the bin
-                out[j] = lo[j] + (b + min(frac, 1.0)) * width[j] if hi[j] > lo[j] else lo[j]
-    return {"q01": q01.tolist(), "q99": q99.tolist(), "mean": mean.tolist(), "std": std.tolist(),
-            "min": lo.tolist(), "max": hi.tolist(), "count": int(n)}
-
+import backbones
+import data
+import heads
+from data import ACTION_DIM, OFFICIAL_BOUND, check_finite_actions, unnormalize_action
 
 # -----------------------------------------------------------------------------------------------------------
-# 2. Normalization, eq. (5)-(6)
-# -----------------------------------------------------------------------------------------------------------
-
-GRIPPER_THRESHOLD = 0.5  # raw gripper > 0.5 means open: maps {0, 1} and {-1, 1} alike onto {-1, +1}
-OFFICIAL_BOUND = 0.65  # official CALVIN configs: norm_min -0.65, norm_max 0.65 (clip, then divide by 0.65)
-DEGENERATE_RANGE = 1e-8  # q99 - q01 below this: the dimension is constant, normalize it to 0
-
-
-def _check_finite(a, what):
-    bad = ~torch.isfinite(a) if torch.is_tensor(a) else ~np.isfinite(a)
-    if bad.any():
-        dims = sorted({int(i) for i in (bad.nonzero()[:, -1] if torch.is_tensor(a) else np.nonzero(bad)[-1])})
-        raise ValueError(f"{what}: found NaN/inf in action dim(s) {dims} (0-5 pose, 6 gripper); "
-                         f"check the data source or the model output for that dimension")
-
-
-def _bounds(a, stats, mode, bound):
-    """Per-dim (low, high) of the 6 pose dims, as arrays/tensors matching `a`."""
-    if mode == "quantile":
-        for key in ("q01", "q99"):
-            if key not in stats:
-                raise KeyError(f"action statistics lack '{key}' (have {sorted(stats)}); "
-                               f"recompute them with compute_action_stats")
-        lo, hi = stats["q01"][:POSE_DIM], stats["q99"][:POSE_DIM]
-    elif mode == "bounds":
-        lo, hi = [-bound] * POSE_DIM, [bound] * POSE_DIM
-    else:
-        raise ValueError(f"normalization mode must be 'quantile' (eq. 5-6, q01/q99) or 'bounds' "
-                         f"(official fixed ±{OFFICIAL_BOUND}), got {mode!r}")
-    if torch.is_tensor(a):
-        return (torch.tensor(lo, dtype=a.dtype, device=a.device), torch.tensor(hi, dtype=a.dtype, device=a.device))
-    return np.asarray(lo, dtype=a.dtype), np.asarray(hi, dtype=a.dtype)
-
-
-def _as_float(a):
-    if torch.is_tensor(a):
-        return a if a.is_floating_point() else a.float()
-    a = np.asarray(a)
-    return a if np.issubdtype(a.dtype, np.floating) else a.astype(np.float32)
-
-
-def normalize_action(a, stats, mode="quantile", bound=OFFICIAL_BOUND):
-    """Raw actions (..., 7) -> normalized actions in [-1, 1] (numpy or torch, any leading shape).
-
-    Pose dims 0-5, eq. (5)-(6): clamp to [q01, q99], then map linearly onto [-1, 1]. A dim whose q01 == q99 is
-    constant in the data and maps to 0 (no division by zero). mode="bounds" is the official code's variant:
-    clamp to ±bound and divide by bound.
-    Gripper dim 6 is binary and never quantile-scaled: raw > 0.5 -> +1 (open), else -1 (closed), which is
-    correct for both {0, 1} and {-1, +1} conventions.
-    """
-    a = _as_float(a)
-    if a.shape[-1] != ACTION_DIM:
-        raise ValueError(f"expected actions with last dim {ACTION_DIM}, got shape {tuple(a.shape)}")
-    _check_finite(a, "normalize_action")
-    lo, hi = _bounds(a, stats, mode, bound)
-    lib = torch if torch.is_tensor(a) else np
-    span = hi - lo
-    ok = span > DEGENERATE_RANGE
-    safe = lib.where(ok, span, lib.ones_like(span))
-    pose = lib.minimum(lib.maximum(a[..., :POSE_DIM], lo), hi)  # clamp, eq. (5)
-    pose = lib.where(ok, 2 * (pose - lo) / safe - 1, lib.zeros_like(pose))  # eq. (6)
-    grip = lib.where(a[..., POSE_DIM:] > GRIPPER_THRESHOLD, 1.0, -1.0)
-    if torch.is_tensor(a):
-        return torch.cat([pose, grip.to(a.dtype)], -1)
-    return np.concatenate([pose, grip.astype(a.dtype)], -1)
-
-
-def unnormalize_action(a, stats, mode="quantile", bound=OFFICIAL_BOUND):
-    """Inverse of normalize_action: normalized (..., 7) -> the dataset's own units.
-
-    Pose values outside [-1, 1] are clamped first (the model's tanh head stays inside anyway). A constant
-    dim returns its q01. The gripper becomes exactly +1 (g > 0, open) or -1 (closed).
-    """
-    a = _as_float(a)
-    if a.shape[-1] != ACTION_DIM:
-        raise ValueError(f"expected actions with last dim {ACTION_DIM}, got shape {tuple(a.shape)}")
-    _check_finite(a, "unnormalize_action")
-    lo, hi = _bounds(a, stats, mode, bound)
-    lib = torch if torch.is_tensor(a) else np
-    pose = lib.minimum(lib.maximum(a[..., :POSE_DIM], -lib.ones_like(lo)), lib.ones_like(hi))
-    pose = (pose + 1) / 2 * (hi - lo) + lo
-    grip = lib.where(a[..., POSE_DIM:] > 0, 1.0, -1.0)
-    if torch.is_tensor(a):
-        return torch.cat([pose, grip.to(a.dtype)], -1)
-    return np.concatenate([pose, grip.astype(a.dtype)], -1)
-
-
-# -----------------------------------------------------------------------------------------------------------
-# 3. Discrete actions (§III-B-1, following RT-2 / OpenVLA)
+# 1. Discrete actions (§III-B-1, following RT-2 / OpenVLA)
 # -----------------------------------------------------------------------------------------------------------
 
 class ActionTokenizer:
@@ -253,7 +56,7 @@ class ActionTokenizer:
 
     def encode(self, a):
         """Normalized actions (...) in [-1, 1] (values outside are clipped) -> ids (...) int64."""
-        _check_finite(a, "ActionTokenizer.encode")
+        check_finite_actions(a, "ActionTokenizer.encode")
         if torch.is_tensor(a):
             b = ((a.float().clamp(-1, 1) + 1) / self.bin_width).floor().long().clamp(0, self.n_bins - 1)
             return b + self.id_min
@@ -274,51 +77,9 @@ class ActionTokenizer:
         return (ids >= self.id_min) & (ids <= self.id_max)
 
 
-# -----------------------------------------------------------------------------------------------------------
-# 4. Losses, eq. (7) (continuous) and eq. (8) (discrete)
-# -----------------------------------------------------------------------------------------------------------
-
-def continuous_action_loss(pred_pose, pred_gripper_logit, target, mask, lam=0.01, kind="huber"):
-    """eq. (7): regression on the 6 pose dims + lam * BCE on the gripper, averaged over valid entries.
-
-    pred_pose (..., 6), pred_gripper_logit (...), target (..., 7) normalized with gripper ±1, mask (...) bool
-    (False where a chunk runs past the end of its segment). The paper's text uses MSE; the official code uses
-    Huber (delta = 1) and lam = 0.01 (arm_gripper_loss_ratio), our defaults.
-    Returns (loss, metrics) with metrics loss_pose, loss_gripper, acc_gripper as floats.
-    """
-    if pred_pose.shape[-1] != POSE_DIM or target.shape[-1] != ACTION_DIM:
-        raise ValueError(f"expected pred_pose (..., 6) and target (..., 7), got {tuple(pred_pose.shape)} "
-                         f"and {tuple(target.shape)}")
-    m = mask.to(pred_pose.dtype)  # (...)
-    n = m.sum().clamp(min=1)
-    if kind == "huber":
-        pose_err = F.huber_loss(pred_pose, target[..., :POSE_DIM], reduction="none", delta=1.0)
-    elif kind == "mse":
-        pose_err = F.mse_loss(pred_pose, target[..., :POSE_DIM], reduction="none")
-    else:
-        raise ValueError(f"loss kind must be 'huber' or 'mse', got {kind!r}")
-    loss_pose = (pose_err.mean(-1) * m).sum() / n  # mean over the 6 dims, masked mean over entries
-    label = (target[..., POSE_DIM] > 0).to(pred_gripper_logit.dtype)  # BCE labels: 1 = open, 0 = closed
-    bce = F.binary_cross_entropy_with_logits(pred_gripper_logit, label, reduction="none")
-    loss_grip = (bce * m).sum() / n
-    acc = (((pred_gripper_logit > 0).to(m.dtype) == label).to(m.dtype) * m).sum() / n
-    loss = loss_pose + lam * loss_grip
-    return loss, {"loss_pose": loss_pose.item(), "loss_gripper": loss_grip.item(), "acc_gripper": acc.item()}
-
-
-def discrete_action_loss(logits, target_ids, mask):
-    """eq. (8): cross-entropy over action tokens only. logits (..., V), target_ids (...), mask (...) bool."""
-    m = mask.to(logits.dtype)
-    n = m.sum().clamp(min=1)
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target_ids.reshape(-1).long(),
-                         reduction="none").view(target_ids.shape)
-    loss = (ce * m).sum() / n
-    acc = ((logits.argmax(-1) == target_ids).to(m.dtype) * m).sum() / n
-    return loss, {"loss_tokens": loss.item(), "acc_tokens": acc.item()}
-
 
 # -----------------------------------------------------------------------------------------------------------
-# 5. Execution strategies for a stream of predicted chunks (Table II: Chunk / First / Ensemble)
+# 2. Execution strategies for a stream of predicted chunks (Table II: Chunk / First / Ensemble)
 # -----------------------------------------------------------------------------------------------------------
 
 def ensemble_weights(n, k=0.01):
@@ -387,24 +148,9 @@ class ActionExecutor:
         return np.asarray(action, dtype=np.float32)
 
 
-# ---- the VLA ----
-# (model part: configuration, the four formulations of §III-C, the closed-loop Policy, checkpoints)
-# heads.py, backbones.py and data.py import from the action math above; importing them as modules here (and
-# using their names at call time) keeps the import order free of cycles.
-
-import collections
-import dataclasses
-import hashlib
-import json
-import os
-import shutil
-import warnings
-
-import torch.nn as nn
-
-import backbones
-import data
-import heads
+# -----------------------------------------------------------------------------------------------------------
+# 3. The VLA (configuration, the four formulations of §III-C, the closed-loop Policy, checkpoints)
+# -----------------------------------------------------------------------------------------------------------
 
 FORMULATIONS = ("one_step_discrete", "one_step_continuous", "interleaved", "policy_head")
 
@@ -834,7 +580,7 @@ class VLA(nn.Module):
         hidden, _ = self.backbone(x, self.positions(x), **self._mask_kw(mask))
         logits = self.backbone.lm_logits(hidden)  # (B, T, vocab)
         # logits at position p predict the token at p + 1
-        return discrete_action_loss(logits[:, :-1], ids[:, 1:].clamp(min=0), target[:, 1:])
+        return heads.discrete_action_loss(logits[:, :-1], ids[:, 1:].clamp(min=0), target[:, 1:])
 
     # --- inference on whole windows (teacher forced; tests, offline evaluation) ---
 
@@ -1271,7 +1017,7 @@ def check_action_stats(stats, where):
             if k not in st:
                 if k in ("q01", "q99"):
                     raise CheckpointError(f"{where}: dataset {key!r} lacks key {k!r} (has {sorted(st)}); recompute "
-                                          f"the statistics with vla.compute_action_stats")
+                                          f"the statistics with data.compute_action_stats")
                 continue
             v = st[k]
             if not (isinstance(v, list) and len(v) == ACTION_DIM
@@ -1279,7 +1025,7 @@ def check_action_stats(stats, where):
                 n = len(v) if isinstance(v, list) else type(v).__name__
                 raise CheckpointError(f"{where}: dataset {key!r} key {k!r} must be a list of {ACTION_DIM} numbers "
                                       f"(one per action dim), got {n}: {str(v)[:80]}; recompute the statistics "
-                                      f"with vla.compute_action_stats on the training actions (N, {ACTION_DIM})")
+                                      f"with data.compute_action_stats on the training actions (N, {ACTION_DIM})")
             bad = [i for i, x in enumerate(v) if not math.isfinite(x)]
             if bad:
                 raise CheckpointError(f"{where}: dataset {key!r} key {k!r} has NaN/inf in dim(s) {bad}: {v}; the "

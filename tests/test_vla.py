@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import vla
 from vla import VLA, Policy, VLAConfig
 
@@ -209,7 +210,7 @@ def test_chunk_execution_runs_the_model_once_per_chunk_and_unnormalizes(monkeypa
         if t % 3 == 0:
             chunks.append(pol.last_chunk.copy())
     assert len(calls) == 2
-    expect = vla.unnormalize_action(np.concatenate(chunks), STATS["toy"])
+    expect = data.unnormalize_action(np.concatenate(chunks), STATS["toy"])
     np.testing.assert_allclose(np.stack(acts), expect, atol=1e-6)
     assert set(np.stack(acts)[:, 6].tolist()) <= {-1.0, 1.0}
     assert np.abs(np.stack(acts)[:, :6]).max() <= 0.5 + 1e-6  # inside [q01, q99]

@@ -535,7 +535,7 @@ def evaluate_metaworld(policy, tasks=DEFAULT_TASKS, episodes=10, seed=0, image_s
                          f"scene={scene!r}, instructions={instructions!r}")
     jobs = [(policy, t, s, image_size, tuple(cameras), max_steps, gif_dir is not None and i == 0, scene, instructions)
             for t in tasks for i, s in enumerate(seeds)]
-    rank, world = _dist_rank_world()  # under torchrun each rank runs every world-th episode; merged below
+    rank, world = rank_world()  # under torchrun each rank runs every world-th episode; merged below
     jobs = jobs[rank::world]
     wins, steps = {t: 0 for t in tasks}, {t: [] for t in tasks}
     bar = tqdm(total=len(jobs), desc="closed-loop eval", unit="ep", disable=not progress)
@@ -923,7 +923,10 @@ def calvin_table(summary, method="RoboVLMs (this run)", train=""):
             + "\n".join(lines) + "\n")
 
 
-def _dist_rank_world():
+# ---- torchrun: the one process-group setup and teardown of both entry points (this file and train.py) ----
+
+def rank_world():
+    """(rank, world size) of this process: (0, 1) outside torchrun."""
     try:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
@@ -931,6 +934,32 @@ def _dist_rank_world():
     except ImportError:
         pass
     return 0, 1
+
+
+def init_distributed(device="cpu"):
+    """Under torchrun (WORLD_SIZE > 1) join the process group once -> (rank, world, torch.device).
+
+    device: a --device flag, "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:i". Under torchrun each
+    process takes its own GPU (LOCAL_RANK); the group runs nccl on GPUs and gloo on CPUs, so every multi-process
+    path is testable on a laptop. evaluate.py passes "cpu": its group only gathers small Python objects."""
+    import torch
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    dev = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda and world > 1 else
+                       ("cuda" if cuda else "cpu") if device == "auto" else device)
+    if world > 1 and not torch.distributed.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return (*rank_world(), dev)
+
+
+def end_distributed():
+    """Leave the process group before exiting: gloo's threads still running at interpreter exit abort the
+    process ("terminate called without an active exception", SIGABRT, see docs/history.md)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _write_json(path, obj):
@@ -961,7 +990,7 @@ def evaluate_calvin(policy, env, oracle, sequences=None, instructions=None, out_
     """
     from tqdm import tqdm
     sequences = calvin_sequences() if sequences is None else list(sequences)
-    r0, w0 = _dist_rank_world()
+    r0, w0 = rank_world()
     rank, world_size = (r0 if rank is None else rank), (w0 if world_size is None else world_size)
     if isinstance(instructions, (list, tuple)) and len(instructions) < len(sequences):
         raise ValueError(f"{len(instructions)} instruction lists for {len(sequences)} sequences")
@@ -983,7 +1012,7 @@ def evaluate_calvin(policy, env, oracle, sequences=None, instructions=None, out_
         if out_dir:
             _write_json(out_dir / f"calvin_rank{rank}.json", records)
         bar.set_postfix(avg_len=f"{np.mean([r['result'] for r in records]):.2f}")
-    if world_size > 1 and _dist_rank_world()[1] == world_size:
+    if world_size > 1 and rank_world()[1] == world_size:
         import torch.distributed as dist
         gathered = [None] * world_size
         dist.all_gather_object(gathered, records)
@@ -1375,7 +1404,7 @@ def run_metaworld_eval(ckpt, episodes=10, seed=0, execution=None, tasks=None, ou
     train_args = json.loads((ckpt / "train_args.json").read_text()) if (ckpt / "train_args.json").exists() else {}
     tasks = tasks or train_args.get("tasks") or list(DEFAULT_TASKS)
     execution = execution or train_args.get("execution", "chunk")  # default: as train.py evaluated it
-    rank, world = _dist_rank_world()  # under torchrun: episodes are sharded over the ranks
+    rank, world = rank_world()  # under torchrun: episodes are sharded over the ranks
     if device == "cuda" and world > 1:
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     workers = workers or (max(1, min(8, os.cpu_count() or 1) // world) if device == "cpu" else 1)
@@ -1397,15 +1426,6 @@ def run_metaworld_eval(ckpt, episodes=10, seed=0, execution=None, tasks=None, ou
     return results, write_results(out, results, header)
 
 
-def _init_distributed():
-    """Under torchrun (WORLD_SIZE > 1) start the process group once; returns (rank, world_size)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")  # only small Python objects are gathered: CPU is enough
-    return _dist_rank_world()
-
-
 def _policy(ckpt, execution, dataset_key, device):
     from vla import Policy
     if device == "cuda" and "LOCAL_RANK" in os.environ:
@@ -1417,7 +1437,7 @@ def run_calvin_eval(ckpt, calvin_root, out=None, execution="first", dataset_key=
                     sequences_file=None, num_sequences=CALVIN_NUM_SEQUENCES, instructions_file=None, novel=False,
                     progress=True):
     """Policy from a run directory on the official CALVIN protocol (shard with torchrun --nproc_per_node=N)."""
-    rank, _ = _init_distributed()
+    rank, _, _ = init_distributed()  # the group only gathers small Python objects: gloo
     policy = _policy(ckpt, execution, dataset_key, device)
     env, oracle = make_calvin(calvin_root)
     sequences = (load_calvin_sequences(sequences_file) if sequences_file else calvin_sequences())[:num_sequences]
@@ -1488,7 +1508,7 @@ def main(argv=None):
         except RuntimeError as e:
             raise SystemExit(f"error: {e}") from None
         tasks = args.tasks.split(",") if args.tasks else None
-        rank, _ = _init_distributed()  # torchrun --nproc_per_node=N evaluate.py ...: episodes sharded over ranks
+        rank, _, _ = init_distributed()  # torchrun --nproc_per_node=N evaluate.py ...: episodes sharded over ranks
         _, text = run_metaworld_eval(args.ckpt, args.episodes, args.seed, args.execution, tasks, args.out,
                                      device=args.device, workers=args.workers or None, progress=rank == 0,
                                      scene=args.scene, instructions=args.instructions)
@@ -1500,7 +1520,7 @@ def main(argv=None):
         _, text = run_calvin_eval(args.ckpt, args.calvin_root, args.out, args.execution or "first", args.dataset_key,
                                   args.device, args.calvin_sequences, args.num_sequences, args.calvin_instructions,
                                   args.calvin_novel)
-        if _dist_rank_world()[0] == 0:
+        if rank_world()[0] == 0:
             print(text)
     elif args.benchmark == "simpler":
         _, text = run_simpler_eval(args.ckpt, args.task, args.out, args.execution or "first", args.dataset_key, args.device,
@@ -1508,16 +1528,8 @@ def main(argv=None):
         print(text)
 
 
-def _end_distributed():
-    """Leave the process group before exiting: gloo's threads still running at interpreter exit abort the
-    process ("terminate called without an active exception", SIGABRT), so torchrun saw about half the runs fail."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
     try:
         main()
     finally:
-        _end_distributed()
+        end_distributed()

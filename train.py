@@ -256,20 +256,6 @@ def lr_at(step, base_lr, warmup):
 # scale-out: torchrun (DDP / FSDP), the global-batch sampler, activation checkpointing
 # -----------------------------------------------------------------------------------------------------------
 
-def setup_distributed(device_flag="auto"):
-    """-> (rank, world, device). Under torchrun (WORLD_SIZE > 1) joins the process group: nccl on GPU, gloo
-    on CPU (so every multi-process path is testable on a laptop). One process per GPU (LOCAL_RANK)."""
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag.startswith("cuda")
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda and world > 1 else
-                          ("cuda" if cuda else "cpu") if device_flag == "auto" else device_flag)
-    if world > 1 and not torch.distributed.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
 def barrier(world):
     if world > 1:
         torch.distributed.barrier()
@@ -853,7 +839,7 @@ def main(argv=None):
                                      "files with --eval-episodes 0 renders nothing)")
         except RuntimeError as e:
             raise SystemExit(f"error: {e}") from None
-    rank, world, device = setup_distributed(args.device)  # torchrun: one process per GPU / CPU slot
+    rank, world, device = evaluate.init_distributed(args.device)  # torchrun: one process per GPU / CPU slot
     if rank != 0:  # only rank 0 talks
         sys.stdout = open(os.devnull, "w")
     print("train.py configuration (every flag, `python train.py -h` for help):")
@@ -956,4 +942,4 @@ if __name__ == "__main__":
     try:
         main()
     finally:
-        evaluate._end_distributed()  # under torchrun: leave the process group (gloo threads abort at exit)
+        evaluate.end_distributed()  # under torchrun: leave the process group (gloo threads abort at exit)

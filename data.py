@@ -166,6 +166,7 @@ def compute_action_stats(actions, where=None):
 
 GRIPPER_THRESHOLD = 0.5  # raw gripper > 0.5 means open: maps {0, 1} and {-1, 1} alike onto {-1, +1}
 OFFICIAL_BOUND = 0.65  # official CALVIN configs: norm_min -0.65, norm_max 0.65 (clip, then divide by 0.65)
+ACTION_NORMS = ("quantile", "bounds")  # eq. (5)-(6) on q01/q99 | the official code's fixed ±OFFICIAL_BOUND
 DEGENERATE_RANGE = 1e-8  # q99 - q01 below this: the dimension is constant, normalize it to 0
 
 

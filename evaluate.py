@@ -1465,12 +1465,13 @@ def run_simpler_eval(ckpt, tasks="all", out=None, execution="first", dataset_key
 
 def main(argv=None):
     import argparse
+    from vla import EXECUTIONS
     p = argparse.ArgumentParser(description="Closed-loop evaluation of a trained VLA run directory.")
     p.add_argument("--ckpt", required=True, help="run directory written by train.py (model.safetensors, ...)")
     p.add_argument("--benchmark", default="metaworld", choices=["metaworld", "calvin", "simpler"])
     p.add_argument("--episodes", type=int, default=10, help="episodes per task")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed (same seed -> same numbers)")
-    p.add_argument("--execution", default=None, choices=["chunk", "first", "ensemble"],
+    p.add_argument("--execution", default=None, choices=EXECUTIONS,
                    help="chunk: run the whole predicted chunk open loop; first: re-plan every step; "
                         "ensemble: ACT temporal ensembling (default: metaworld the run's own train.py "
                         "--execution, calvin/simpler first)")

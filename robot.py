@@ -568,6 +568,7 @@ def _resize(img, size):
 
 
 def build_parser():
+    from vla import EXECUTIONS  # imported here, as every model piece: the safety layer above runs without torch
     env, d = os.environ.get, Limits()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Credentials default to the Kinova factory values (admin/admin); override "
@@ -575,7 +576,7 @@ def build_parser():
     p.add_argument("--ckpt", help="run directory written by train.py (omit to record teleoperated demos)")
     p.add_argument("--instruction", required=True, help="language instruction given to the policy / stored")
     p.add_argument("--task", help="task name stored with recorded episodes (default: the instruction)")
-    p.add_argument("--execution", choices=("chunk", "first", "ensemble"), default="chunk")
+    p.add_argument("--execution", choices=EXECUTIONS, default="chunk")
     p.add_argument("--dataset-key", help="which action statistics of the checkpoint to use")
     p.add_argument("--device", default="cpu", help="torch device of the policy")
     p.add_argument("--hz", type=float, default=None,

@@ -82,6 +82,9 @@ class ActionTokenizer:
 # 2. Execution strategies for a stream of predicted chunks (Table II: Chunk / First / Ensemble)
 # -----------------------------------------------------------------------------------------------------------
 
+EXECUTIONS = ("chunk", "first", "ensemble")  # Table II's execution strategies, ActionExecutor's modes
+
+
 def ensemble_weights(n, k=0.01):
     """ACT temporal-ensemble weights for n stored predictions of one step, oldest first: w_i = exp(-k i) / sum."""
     w = np.exp(-k * np.arange(n, dtype=np.float64))
@@ -99,7 +102,7 @@ class ActionExecutor:
     """
 
     def __init__(self, mode="chunk", n_exec=None, k=0.01):
-        if mode not in ("chunk", "first", "ensemble"):
+        if mode not in EXECUTIONS:
             raise ValueError(f"execution mode must be 'chunk', 'first' or 'ensemble', got {mode!r}")
         if n_exec is not None and n_exec < 1:
             raise ValueError(f"n_exec must be >= 1, got {n_exec}")
@@ -152,7 +155,10 @@ class ActionExecutor:
 # 3. The VLA (configuration, the four formulations of §III-C, the closed-loop Policy, checkpoints)
 # -----------------------------------------------------------------------------------------------------------
 
-FORMULATIONS = ("one_step_discrete", "one_step_continuous", "interleaved", "policy_head")
+FORMULATIONS = ("one_step_discrete", "one_step_continuous", "interleaved", "policy_head")  # §III-C
+HEADS = ("mlp", "lstm", "gpt")  # policy-head trunks (heads.PolicyHead)
+ACTION_LOSSES = ("huber", "mse", "flow")  # eq. (7) official / paper text, flow matching (Table II)
+ATTENTIONS = ("auto", "prefix", "causal")  # the LM's mask, see VLAConfig.attention
 
 
 @dataclasses.dataclass
@@ -180,7 +186,7 @@ class VLAConfig:
     flow_steps: int = 10  # Euler steps at inference (pi0)
     n_bins: int = 256  # discrete action bins (§III-B-1)
     shift_aug: bool = True  # official random-shift augmentation in training
-    action_norm: str = "quantile"  # how the training data was normalized ("quantile" | "bounds")
+    action_norm: str = "quantile"  # how the training data was normalized (data.ACTION_NORMS)
     norm_bound: float = OFFICIAL_BOUND
     # LM attention: "auto" = as the backbone was pretrained (PaliGemma: prefix-LM, i.e. [BOS], images and prompt
     # see each other, what follows is causal; transformers' token_type_ids, pi0; every other family: causal),
@@ -199,6 +205,12 @@ class VLAConfig:
         if overrides.get("formulation", "").startswith("one_step"):
             base["window"] = 1
         return cls(**{**base, **overrides})
+
+    @classmethod
+    def metaworld(cls, **overrides):
+        """The main job's preset (`python train.py` with no flags): the tiny model on Meta-World's 64x64 renders,
+        a history of H=2 frames and chunks of L=8 actions, whatever the formulation."""
+        return cls.tiny(**{"window": 2, "chunk": 8, "image_size": 64, **overrides})
 
     @classmethod
     def paper(cls, backbone, **overrides):
@@ -248,9 +260,9 @@ class VLAConfig:
             raise ValueError(f"invalid VLAConfig: {msg}")
         if self.formulation not in FORMULATIONS:
             bad(f"formulation must be one of {FORMULATIONS}, got {self.formulation!r}")
-        if self.head not in ("mlp", "lstm", "gpt"):
+        if self.head not in HEADS:
             bad(f"head must be 'mlp', 'lstm' or 'gpt', got {self.head!r}")
-        if self.action_loss not in ("huber", "mse", "flow"):
+        if self.action_loss not in ACTION_LOSSES:
             bad(f"action_loss must be 'huber', 'mse' or 'flow', got {self.action_loss!r}")
         if self.window < 1 or self.chunk < 1:
             bad(f"window (H) and chunk (L) must be >= 1, got H={self.window}, L={self.chunk}")
@@ -262,7 +274,7 @@ class VLAConfig:
                 f"got {self.formulation}")
         if not self.views:
             bad("views must name at least one camera, e.g. ('static', 'wrist')")
-        if self.attention not in ("auto", "prefix", "causal"):
+        if self.attention not in ATTENTIONS:
             bad(f"attention must be 'auto' (the backbone's own: prefix-LM for PaliGemma), 'prefix' or 'causal', "
                 f"got {self.attention!r}")
         if len(set(self.views)) != len(self.views):
@@ -274,7 +286,7 @@ class VLAConfig:
             bad(f"n_bins must be >= 2, got {self.n_bins}")
         if not (self.lam >= 0 and math.isfinite(self.lam)):
             bad(f"lam (gripper loss weight) must be a finite number >= 0, got {self.lam}")
-        if self.action_norm not in ("quantile", "bounds"):
+        if self.action_norm not in data.ACTION_NORMS:
             bad(f"action_norm must be 'quantile' or 'bounds', got {self.action_norm!r}")
         if not (self.norm_bound > 0 and math.isfinite(self.norm_bound)):
             bad(f"norm_bound must be a finite number > 0, got {self.norm_bound}")

@@ -629,6 +629,43 @@ class VLA(nn.Module):
             pos += 1
         return at.decode(torch.cat(out, 1)).view(1, self.config.chunk, ACTION_DIM)
 
+    # --- closed loop: how each formulation predicts from the frames recorded so far (Policy asks here) ---
+
+    @torch.no_grad()
+    def record_frame(self, images, instruction, cache=True, kv_state=None):
+        """What the closed loop keeps of one new frame, images uint8 (1, V, 3, S, S), for predict_step:
+          cache=False or a one-step formulation: the frame itself;
+          policy_head:  its [LRN] feature (1, d) (per-frame passes are independent, so this is exact);
+          interleaved:  its image tokens (1, V*T_img, d) (the vision tower sees one frame at a time: exact);
+                        cache="approximate": the new [LRN] feature (1, d) of interleaved_step's KV cache, which
+                        lives in kv_state (a dict the caller keeps, {} after a reset)."""
+        c = self.config
+        if c.formulation == "interleaved" and cache == "approximate":
+            return self.interleaved_step(images, instruction, kv_state)
+        if not cache or c.formulation not in ("policy_head", "interleaved"):
+            return images
+        if c.formulation == "policy_head":
+            return self.frame_features(images[None], [instruction])[:, 0]
+        return self.image_tokens(images)
+
+    @torch.no_grad()
+    def predict_step(self, frames, instruction, cache=True, generator=None):
+        """The newest frame's normalized chunk (L, 7) from the last H frames recorded by record_frame (oldest
+        first, the same `cache`): equal to predict() over the raw frames (cache="approximate" aside)."""
+        c = self.config
+        if c.formulation not in ("policy_head", "interleaved"):  # one-step formulations: no history
+            return self.predict(frames[-1][None], [instruction], generator)[0, -1]
+        if c.formulation == "interleaved" and cache == "approximate":
+            feats = frames[-1][:, None]  # (1, 1, d)
+        elif c.formulation == "policy_head":
+            window = torch.stack(list(frames), 1)  # (1, h, d) features, or (1, h, V, 3, S, S) raw frames
+            feats = window if cache else self.frame_features(window, [instruction])  # (1, h, d)
+        else:
+            window = torch.stack(list(frames), 1)  # (1, h, V*T_img, d) image tokens, or raw frames
+            feats = (self.interleaved_from_tokens if cache else self.interleaved_features)(window, [instruction])
+            feats = feats[:, -1:]  # (1, 1, d): the newest [LRN] of a pass over the last H frames
+        return self.head.predict(feats, generator, c.flow_steps, last=True)[0, -1]
+
     @torch.no_grad()
     def interleaved_step(self, images, instruction, state):
         """APPROXIMATE streaming interleaved inference (Policy(cache="approximate")): append one segment
@@ -750,7 +787,9 @@ class Policy:
     obs: {"static": HxWx3 uint8, "wrist": HxWx3 uint8, ["state": ...]} (the cameras named in config.views).
     Returns the action (7,) float32 in the dataset's original units, gripper exactly ±1.
     The closed loop is the trained model: every step equals a fresh pass over the last H frames, as in
-    training (to float tolerance; tests/test_matrix.py checks it on every backbone). History caches:
+    training (to float tolerance; tests/test_matrix.py checks it on every backbone). The Policy only records
+    frames (self.history, what VLA.record_frame keeps of each) and asks VLA.predict_step for the chunk; the
+    VLA is the one place that knows how each formulation predicts. History caches:
       cache=True (default, exact):
         policy_head: the per-frame [LRN] features of the last H frames; a step runs the VLM on the new frame
                      only and the head over the cached features (exact: per-frame passes are independent).
@@ -797,10 +836,8 @@ class Policy:
         self.executor.reset()
         self.generator.manual_seed(self.seed)
         self.instruction = None
-        self.frames = collections.deque(maxlen=self.config.window)  # raw frames (cache=False)
-        self.feats = collections.deque(maxlen=self.config.window)  # policy_head: [LRN] features (1, d)
-        self.tokens = collections.deque(maxlen=self.config.window)  # interleaved: image tokens (1, V*T_img, d)
-        self.state = {}  # interleaved, cache="approximate": KV cache
+        self.history = collections.deque(maxlen=self.config.window)  # VLA.record_frame of the last H frames
+        self.kv_state = {}  # interleaved, cache="approximate": the KV cache of VLA.interleaved_step
         self.last_chunk = None  # the latest normalized chunk (L, 7), for inspection
 
     def images(self, obs):
@@ -834,30 +871,10 @@ class Policy:
             self.vla.check_context(instruction)  # once per instruction: refuse what does not fit the LM's context
             self.reset()
             self.instruction = instruction
-        vla, c = self.vla, self.config
+        vla = self.vla
         img = self.images(obs).to(vla.device)  # (1, V, 3, S, S)
-        if c.formulation == "policy_head":
-            if self.cache:
-                self.feats.append(vla.frame_features(img[None], [instruction])[:, 0])
-                feats = torch.stack(list(self.feats), 1) if need else None  # (1, h, d)
-            else:
-                self.frames.append(img)
-                feats = vla.frame_features(torch.stack(list(self.frames), 1), [instruction]) if need else None
-            out = vla.head.predict(feats, self.generator, c.flow_steps, last=True)[0, -1] if need else None
-        elif c.formulation == "interleaved":
-            if self.cache == "approximate":
-                feat = vla.interleaved_step(img, instruction, self.state)[:, None]  # (1, 1, d)
-            elif self.cache:
-                self.tokens.append(vla.image_tokens(img))  # (1, V*T_img, d), the new frame only
-                feat = vla.interleaved_from_tokens(torch.stack(list(self.tokens), 1), [instruction])[:, -1:] \
-                    if need else None  # (1, 1, d): the newest [LRN] of a pass over the last H frames
-            else:
-                self.frames.append(img)
-                feat = vla.interleaved_features(torch.stack(list(self.frames), 1), [instruction])[:, -1:] \
-                    if need else None
-            out = vla.head.predict(feat, self.generator, c.flow_steps, last=True)[0, -1] if need else None
-        else:  # one-step formulations: no history
-            out = vla.predict(img[None], [instruction], self.generator)[0, -1] if need else None
+        self.history.append(vla.record_frame(img, instruction, self.cache, self.kv_state))
+        out = vla.predict_step(self.history, instruction, self.cache, self.generator) if need else None
         if out is not None:
             self.last_chunk = out.float().cpu().numpy()
         return self.last_chunk if need else None

@@ -140,9 +140,9 @@ def test_interleaved_streaming_with_kv_cache_equals_batch():
         if t < H:  # the KV cache is exact until the first eviction (see VLA.interleaved_step)
             np.testing.assert_allclose(c3, full[0, t].numpy(), atol=1e-5)
             np.testing.assert_allclose(c3, ref.numpy(), atol=1e-5)
-    assert len(cached.tokens) == H and not cached.state  # the default keeps image tokens, no KV cache
-    assert approx.state["n_seg"] == H  # the cache holds at most H segments
-    n = approx.state["cache"][0][0].shape[2]
+    assert len(cached.history) == H and not cached.kv_state  # the default keeps image tokens, no KV cache
+    assert approx.kv_state["n_seg"] == H  # the cache holds at most H segments
+    n = approx.kv_state["cache"][0][0].shape[2]
     assert n == H * (n // H)
 
 

@@ -616,6 +616,24 @@ def load_stats(path):
 # 4a. HDF5 reader
 # -----------------------------------------------------------------------------------------------------------
 
+def split_episodes(n, split, val_fraction, seed, where):
+    """A held-out validation split of whole episodes -> (chosen: the indices of `split`'s episodes, val: the set
+    of held-out ones). split "all" holds none out; "train" / "val": a seeded choice of round(val_fraction * n)."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(val_fraction * n)) if split != "all" else 0
+    if split != "all" and (n_val < 1 or n_val >= n):
+        raise DataError(f"{where}: val_fraction={val_fraction} of {n} episodes leaves an empty "
+                        f"train or val split; record more episodes or change val_fraction")
+    val = set(order[:n_val].tolist())
+    if split == "all":
+        chosen = list(range(n))
+    elif split in ("train", "val"):
+        chosen = [i for i in range(n) if (i in val) == (split == "val")]
+    else:
+        raise ValueError(f"split must be 'all', 'train' or 'val', got {split!r}")
+    return chosen, val
+
+
 class HDF5Dataset(WindowDataset):
     """Windows from one or more HDF5 episode files (docs/hdf5_format.md). One segment = one episode.
 
@@ -627,8 +645,6 @@ class HDF5Dataset(WindowDataset):
     def __init__(self, path_or_paths, window, chunk, views=VIEWS, image_size=224, stats=None, key=None,
                  split="all", val_fraction=0.1, seed=0, few_shot=None, fraction=None, state=False,
                  norm_mode="quantile", skip_bad=False):
-        import h5py
-
         paths = [path_or_paths] if isinstance(path_or_paths, (str, Path)) else list(path_or_paths)
         if not paths:
             raise ValueError("HDF5Dataset needs at least one file path")
@@ -638,55 +654,11 @@ class HDF5Dataset(WindowDataset):
         self.image_shapes = {}  # {view: (h, w)} shared by every episode, None if they differ
         eps, acts, sts = [], [], []  # eps: (file index, episode name, instruction, task, n frames)
         for fi, path in enumerate(self.paths):
-            if not os.path.isfile(path):
-                raise DataError(f"{path}: HDF5 file not found")
-            try:
-                f = h5py.File(path, "r")
-            except OSError as e:
-                self._bad(f"{path}: cannot open as HDF5 ({e}); the file is corrupt or truncated", skip_bad)
-                continue
-            with f:
-                if f.attrs.get("format") != HDF5_FORMAT or "episodes" not in f:
-                    self._bad(f"{path}: not a {HDF5_FORMAT} file (no 'format' attr / 'episodes' group); "
-                              f"write it with data.EpisodeWriter (schema: docs/hdf5_format.md)", skip_bad)
-                    continue
-                if key is None:
-                    key = _attr_str(f.attrs.get("dataset_key", Path(path).stem))
-                for name in sorted(f["episodes"]):
-                    g, where = f["episodes"][name], f"{path} episode {name}"
-                    if not g.attrs.get("complete", 0):
-                        self.n_incomplete += 1  # interrupted write: never part of the data
-                        continue
-                    try:
-                        a, s = _read_hdf5_episode(g, views, state, where)
-                        if s is not None and sts and s.shape[1] != sts[0].shape[1]:
-                            raise DataError(f"{where}: state has {s.shape[1]} dims, earlier episodes {sts[0].shape[1]}")
-                    except (DataError, KeyError, OSError) as e:
-                        self._bad(e if isinstance(e, DataError) else f"{where}: unreadable ({e})", skip_bad)
-                        continue
-                    for v in views:
-                        hw = tuple(g["images"][v].shape[1:3])
-                        if self.image_shapes.setdefault(v, hw) != hw:
-                            self.image_shapes[v] = None  # mixed camera sizes: not recorded
-                    eps.append((fi, name, _attr_str(g.attrs["instruction"]), _attr_str(g.attrs.get("task", "")),
-                                len(a)))
-                    acts.append(a)
-                    sts.append(s)
+            file_key = self._scan_file(fi, path, views, state, skip_bad, eps, acts, sts)
+            key = file_key if key is None else key
         if not eps:
             raise DataError(f"{self.paths}: no complete, valid episodes found")
-        # held-out validation split of whole episodes
-        order = np.random.default_rng(seed).permutation(len(eps))
-        n_val = int(round(val_fraction * len(eps))) if split != "all" else 0
-        if split != "all" and (n_val < 1 or n_val >= len(eps)):
-            raise DataError(f"{self.paths}: val_fraction={val_fraction} of {len(eps)} episodes leaves an empty "
-                            f"train or val split; record more episodes or change val_fraction")
-        val = set(order[:n_val].tolist())
-        if split == "all":
-            chosen = list(range(len(eps)))
-        elif split in ("train", "val"):
-            chosen = [i for i in range(len(eps)) if (i in val) == (split == "val")]
-        else:
-            raise ValueError(f"split must be 'all', 'train' or 'val', got {split!r}")
+        chosen, val = split_episodes(len(eps), split, val_fraction, seed, self.paths)
         if stats is None and split == "val":  # normalize held-out episodes with the training statistics
             stats = compute_action_stats(np.concatenate([acts[i] for i in range(len(eps)) if i not in val]))
         self.episodes = [eps[i][:2] for i in chosen]  # (file index, episode name) per segment
@@ -701,6 +673,56 @@ class HDF5Dataset(WindowDataset):
         self.episodes = [self.episodes[i] for i in self.seg_keep]
         if self.n_bad:
             warnings.warn(f"HDF5Dataset skipped {self.n_bad} bad file(s)/episode(s) (skip_bad=True); first: {self.bad[0]}")
+
+    def _scan_file(self, fi, path, views, state, skip_bad, eps, acts, sts):
+        """Append the complete, valid episodes of file `fi` to eps / acts / sts (skip_bad: count and skip the bad
+        ones, else raise) -> the file's dataset key, None if the file was skipped."""
+        import h5py
+
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: HDF5 file not found")
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            self._bad(f"{path}: cannot open as HDF5 ({e}); the file is corrupt or truncated", skip_bad)
+            return None
+        with f:
+            if f.attrs.get("format") != HDF5_FORMAT or "episodes" not in f:
+                self._bad(f"{path}: not a {HDF5_FORMAT} file (no 'format' attr / 'episodes' group); "
+                          f"write it with data.EpisodeWriter (schema: docs/hdf5_format.md)", skip_bad)
+                return None
+            key = _attr_str(f.attrs.get("dataset_key", Path(path).stem))
+            for name in sorted(f["episodes"]):
+                g, where = f["episodes"][name], f"{path} episode {name}"
+                if not g.attrs.get("complete", 0):
+                    self.n_incomplete += 1  # interrupted write: never part of the data
+                    continue
+                episode = self._read_episode(g, where, views, state, skip_bad, sts)
+                if episode is None:
+                    continue
+                self._note_image_shapes(g, views)
+                eps.append((fi, name, _attr_str(g.attrs["instruction"]), _attr_str(g.attrs.get("task", "")),
+                            len(episode[0])))
+                acts.append(episode[0])
+                sts.append(episode[1])
+        return key
+
+    def _read_episode(self, g, where, views, state, skip_bad, sts):
+        """(actions (T, 7), state or None) of one validated episode; None if skip_bad skipped it."""
+        try:
+            a, s = _read_hdf5_episode(g, views, state, where)
+            if s is not None and sts and s.shape[1] != sts[0].shape[1]:
+                raise DataError(f"{where}: state has {s.shape[1]} dims, earlier episodes {sts[0].shape[1]}")
+        except (DataError, KeyError, OSError) as e:
+            self._bad(e if isinstance(e, DataError) else f"{where}: unreadable ({e})", skip_bad)
+            return None
+        return a, s
+
+    def _note_image_shapes(self, g, views):
+        for v in views:
+            hw = tuple(g["images"][v].shape[1:3])
+            if self.image_shapes.setdefault(v, hw) != hw:
+                self.image_shapes[v] = None  # mixed camera sizes: not recorded
 
     def _where(self, row):
         start, episodes = self._row_episodes

@@ -1,5 +1,8 @@
 """The VLMs a VLA is built on: vision towers, projectors, language models, tokenizers.
 
+Stands on: torch (with data.py, the bottom floor: no module of ours). Offers: build_backbone (tiny presets and
+pretrained folders), load_vlm, and the backbone interface below that vla.py and heads.py use.
+
 THE BACKBONE INTERFACE (all that vla.py and heads.py use; every VLM family in this file implements it)
 -------------------------------------------------------------------------------------------------------
 A backbone is an nn.Module built by `build_backbone(name, **kwargs)`, with these attributes:

@@ -1,11 +1,17 @@
 """Episodes on disk -> training windows: CALVIN's own format, the project's HDF5 format, mixtures.
 
+Stands on: torch, numpy, h5py (with backbones.py, the bottom floor: no module of ours). Offers the action
+arithmetic every dataset applies and the policy inverts (statistics, eq. (5)-(6) normalization), image
+preprocessing, the episode format and its readers.
+
 Read top to bottom:
+  0. actions: compute_action_stats (q01/q99, outlier refusal), normalize_action / unnormalize_action eq. (5)-(6)
   1. image preprocessing shared by training and Policy.act: resize_images, normalize_images, random_shift
   2. the HDF5 episode format: EpisodeWriter (crash-safe, flushed per episode); schema in docs/hdf5_format.md
   3. windows: H observation frames, each with the chunk of its next L actions, masked past the segment end
   4. readers: HDF5Dataset, CalvinDataset (the dataset exactly as distributed), MixtureDataset (§II-E co-training)
-  5. make_dataloader: workers + DistributedSampler
+  5. make_dataloader: workers + DistributedSampler, for scripts and notebooks (train.py builds each rank's
+     batches itself, train.rank_batches, so that a step sees the same samples for any number of processes)
 
 A window (one sample) is a dict:
   images       uint8 (H, V, 3, S, S)  views in the order of `views`, resized to the backbone's size S
@@ -33,7 +39,6 @@ VIEWS = ("static", "wrist")  # third-person camera, gripper camera
 SHIFT_PAD = {"static": 10, "wrist": 4}  # official random-shift padding in pixels (rgb_pad / gripper_pad)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP / Kosmos-2 image processor
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # SigLIP / PaliGemma
 
 
 class DataError(ValueError):
@@ -78,9 +83,9 @@ def find_implausible_actions(actions, factor=None):
     limit = factor * spread
     out = []
     for i in range(0, n, STATS_CHUNK_ROWS):
-        c = np.asarray(actions[i:i + STATS_CHUNK_ROWS], dtype=np.float64)[:, :p]
-        for r, j in np.argwhere(np.abs(c - med) > limit)[:1000 - len(out)]:
-            out.append((i + int(r), int(j), float(c[r, j]), (float(med[j] - limit[j]), float(med[j] + limit[j]))))
+        rows = np.asarray(actions[i:i + STATS_CHUNK_ROWS], dtype=np.float64)[:, :p]
+        for r, j in np.argwhere(np.abs(rows - med) > limit)[:1000 - len(out)]:
+            out.append((i + int(r), int(j), float(rows[r, j]), (float(med[j] - limit[j]), float(med[j] + limit[j]))))
         if len(out) >= 1000:
             break
     return out
@@ -111,20 +116,20 @@ def compute_action_stats(actions, where=None):
 
     def chunks():
         for i in range(0, n, STATS_CHUNK_ROWS):
-            c = np.asarray(actions[i:i + STATS_CHUNK_ROWS], dtype=np.float64)
-            if not np.isfinite(c).all():
-                row, dim = np.argwhere(~np.isfinite(c))[0]
-                raise ValueError(f"{where(i + int(row))}, dim {dim} is {c[row, dim]}: statistics need finite "
+            rows = np.asarray(actions[i:i + STATS_CHUNK_ROWS], dtype=np.float64)
+            if not np.isfinite(rows).all():
+                row, dim = np.argwhere(~np.isfinite(rows))[0]
+                raise ValueError(f"{where(i + int(row))}, dim {dim} is {rows[row, dim]}: statistics need finite "
                                  f"actions; fix or drop the episode that contains it")
-            yield c
+            yield rows
 
     # pass 1: moments and range (float64 sums are accurate enough for millions of rows)
     s, s2 = np.zeros(d), np.zeros(d)
     lo, hi = np.full(d, np.inf), np.full(d, -np.inf)
-    for c in chunks():
-        s += c.sum(0)
-        s2 += (c * c).sum(0)
-        lo, hi = np.minimum(lo, c.min(0)), np.maximum(hi, c.max(0))
+    for rows in chunks():
+        s += rows.sum(0)
+        s2 += (rows * rows).sum(0)
+        lo, hi = np.minimum(lo, rows.min(0)), np.maximum(hi, rows.max(0))
     mean = s / n
     std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
     bad = find_implausible_actions(actions)
@@ -143,8 +148,8 @@ def compute_action_stats(actions, where=None):
         # pass 2: per-dimension histograms between min and max
         width = np.where(hi > lo, (hi - lo) / HIST_BINS, 1.0)
         counts = np.zeros((d, HIST_BINS), dtype=np.int64)
-        for c in chunks():
-            idx = np.clip(((c - lo) / width).astype(np.int64), 0, HIST_BINS - 1)  # (n_chunk, d)
+        for rows in chunks():
+            idx = np.clip(((rows - lo) / width).astype(np.int64), 0, HIST_BINS - 1)  # (n_chunk, d)
             for j in range(d):
                 counts[j] += np.bincount(idx[:, j], minlength=HIST_BINS)
         q01, q99 = np.empty(d), np.empty(d)
@@ -284,7 +289,7 @@ def resize_images(images, size, out=None):
     if x.device.type != "cpu":
         return x.contiguous() if out is None else out.copy_(x)
     # to planar (..., 3, S, S) memory: for uint8, numpy's strided copy is several times faster than torch's
-    # copy_ / contiguous() (measured ~1-4 ms vs ~4-17 ms for 16 frames at 224 on a busy 2-core machine)
+    # copy_ / contiguous() (docs/history.md)
     out = torch.empty((*lead, 3, size, size), dtype=torch.uint8) if out is None else out
     np.copyto(out.numpy(), x.numpy())
     return out

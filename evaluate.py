@@ -1,5 +1,9 @@
 """Closed-loop evaluation: environments behind one small adapter shape, their protocols, results tables, GIFs.
 
+Stands on: vla.Policy and data.EpisodeWriter, imported where they are used (the environment worker processes
+stay free of the model code). Offers: the adapters and protocols below, and the torchrun setup of both entry
+points (init_distributed / end_distributed / rank_world, also used by train.py).
+
 Every benchmark adapter speaks the same shape, so one `vla.Policy` drives all of them:
 
     obs = env.reset(seed)        -> {"static": HxWx3 uint8, "wrist": HxWx3 uint8, "state": float32 (D,)}
@@ -128,8 +132,7 @@ def check_rendering(needed_for="the Meta-World demonstrations and evaluation"):
 # 2. Meta-World (v3, gymnasium API): adapter, scripted experts, demonstrations, evaluation protocol
 # -----------------------------------------------------------------------------------------------------------
 
-# task -> instruction. Every task here has a scripted expert that succeeds on >= 95% of seeds (measured with
-# metaworld 3.1.1; plate-slide's expert only reached 7/20, so it is not listed).
+# task -> instruction. Every task here has a scripted expert that succeeds on >= 95% of seeds (docs/history.md).
 METAWORLD_INSTRUCTIONS = {
     "drawer-open": "open the drawer",
     "drawer-close": "close the drawer",

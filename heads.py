@@ -1,4 +1,7 @@
-"""Policy heads: what turns VLM features into action chunks.
+"""Policy heads: what turns VLM features into action chunks, and the losses they are trained with.
+
+Stands on: backbones.RMSNorm and data's ACTION_DIM / POSE_DIM. Offers: continuous_action_loss eq. (7),
+discrete_action_loss eq. (8), flow matching (flow_loss, flow_sample), PolicyHead, ActionExpert.
 
   PolicyHead     a temporal trunk over the H per-frame [LRN] features (MLP = per frame, LSTM, or causal GPT;
                  eq. 10 and eq. 15) followed by an output stage:
@@ -70,6 +73,9 @@ def discrete_action_loss(logits, target_ids, mask):
 # -----------------------------------------------------------------------------------------------------------
 # Heads
 # -----------------------------------------------------------------------------------------------------------
+
+
+TRUNKS = ("mlp", "lstm", "gpt")  # PolicyHead's temporal trunks (VLAConfig.head, train.py --head)
 
 
 def mlp(d_in, hidden, d_out):
@@ -213,7 +219,7 @@ class PolicyHead(nn.Module):
         elif trunk == "gpt":
             self.trunk = GPTTrunk(d, width, layers, heads, max_frames)
         else:
-            raise ValueError(f"head must be 'mlp', 'lstm' or 'gpt', got {trunk!r}")
+            raise ValueError(f"head must be one of {TRUNKS}, got {trunk!r}")
         if objective == "regress":
             self.pose = mlp(width, out_hidden, POSE_DIM * chunk)  # followed by tanh
             self.gripper = mlp(width, out_hidden, chunk)  # logits of "open"

@@ -1,5 +1,7 @@
 """Run a trained VLA on the paper's real arm (§III-D): Kinova Gen3 7-DoF + Robotiq 2F-85, an Azure Kinect
 static camera and a RealSense D435i wrist camera; record demonstrations in the project's HDF5 format.
+Stands on: vla (Policy, the execution modes) and data (resize_images, EpisodeWriter), imported lazily so that the
+safety layer runs without torch. Offers: the command line below and run_episode.
 
     python robot.py --ckpt runs/x --instruction "open the drawer" --hz 10            # run a policy
     python robot.py --ckpt runs/x --instruction "open the drawer" --dry-run          # print commands, never move

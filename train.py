@@ -26,6 +26,8 @@ Scale-out and faults (tests/test_scale.py):
       --init-from CO_TRAINED_RUN --data A.h5 (post-train).
   Hidden test hooks: --debug-nan-at-step N (the N-th step's loss becomes NaN), --debug-kill-at-step N
       (SIGKILL once N steps are done).
+
+Stands on vla, data and evaluate (the floors below; this file is the top one).
 """
 
 import argparse
@@ -129,15 +131,15 @@ def parse_args(argv=None):
     o.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = the cores of this process "
                    "left after its DataLoader workers, at most 8)")
     o.add_argument("--loader-workers", type=int, default=-1, help="DataLoader worker processes (-1 = 1 when a "
-                   "process has more than 2 cores, else 0: on an idle 2-core box, 2 compute threads with in-process "
-                   "loading ran 7.5 steps/s, 1 thread + 1 worker 5.1)")
+                   "process has more than 2 cores, else 0: on 2 cores both computing beats one loading; "
+                   "docs/history.md)")
     o.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     o.add_argument("--log-every", type=int, default=25)
     o.add_argument("--out", default="runs/default")
     e = p.add_argument_group("evaluation")
     e.add_argument("--execution", default="ensemble", choices=vla.EXECUTIONS,
                    help="chunk: the L actions open loop; first: re-plan every step; ensemble: ACT temporal "
-                   "ensembling (re-plans every step; best here: 70/86%% vs chunk 60/78%% on eval seeds 0/1)")
+                   "ensembling (re-plans every step; the best of the three here, docs/history.md)")
     e.add_argument("--eval-episodes", type=int, default=10, help="episodes per task (0 = skip evaluation)")
     e.add_argument("--eval-seed", type=int, default=0)
     e.add_argument("--max-steps", type=int, default=200, help="evaluation episode step limit")
@@ -199,8 +201,8 @@ def fill_head_sizes(p, args):
         p.error(f"--head-mlp must be comma-separated positive integers, e.g. 1024,512,256; got {args.head_mlp}")
 
 
-# The allowed range of every numeric flag ("lo..hi" inclusive). Checked before any work: --steps -5 used to exit 0
-# having trained nothing, --batch 0 and --ckpt-every 0 ended in ZeroDivisionError after the data was built.
+# The allowed range of every numeric flag ("lo..hi" inclusive), checked before any work (check_flags): a value
+# outside it would train nothing or fail only after the data was built.
 FLAG_RANGES = {
     "window": ">= 1", "chunk": ">= 1", "image_size": ">= 1", "demos_per_task": ">= 1", "demo_noise": ">= 0",
     "workers": ">= 0", "steps": ">= 1", "batch": ">= 1", "lr": ">= 0", "weight_decay": ">= 0", "warmup": ">= 0",

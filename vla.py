@@ -137,7 +137,7 @@ class ActionExecutor:
             action = self.queue.pop(0)
         else:
             # predictions for the current step, oldest chunk first
-            preds = [c[self.t - s] for s, c in self.chunks if 0 <= self.t - s < len(c)]
+            preds = [ch[self.t - s] for s, ch in self.chunks if 0 <= self.t - s < len(ch)]
             if not preds:
                 raise RuntimeError(f"no stored chunk covers step {self.t}: call add_chunk first")
             if self.mode == "first":
@@ -146,7 +146,7 @@ class ActionExecutor:
                 w = ensemble_weights(len(preds), self.k)
                 action = (w[:, None] * np.stack(preds)).sum(0)
             # forget chunks that end at this step
-            self.chunks = [(s, c) for s, c in self.chunks if self.t + 1 - s < len(c)]
+            self.chunks = [(s, ch) for s, ch in self.chunks if self.t + 1 - s < len(ch)]
         self.t += 1
         return np.asarray(action, dtype=np.float32)
 
@@ -156,7 +156,7 @@ class ActionExecutor:
 # -----------------------------------------------------------------------------------------------------------
 
 FORMULATIONS = ("one_step_discrete", "one_step_continuous", "interleaved", "policy_head")  # §III-C
-HEADS = ("mlp", "lstm", "gpt")  # policy-head trunks (heads.PolicyHead)
+HEADS = heads.TRUNKS  # VLAConfig.head: the policy head's trunk
 ACTION_LOSSES = ("huber", "mse", "flow")  # eq. (7) official / paper text, flow matching (Table II)
 ATTENTIONS = ("auto", "prefix", "causal")  # the LM's mask, see VLAConfig.attention
 
@@ -402,9 +402,9 @@ class VLA(nn.Module):
             x = torch.stack([data.random_shift(x[:, i], round(data.SHIFT_PAD.get(v, 0) * c.image_size / 224))
                              for i, v in enumerate(c.views)], 1)
         N, V = x.shape[:2]
-        tok = bb.encode_images(x.flatten(0, 1))  # (N * V, T_img, d)
-        tok = tok.view(N, V, *tok.shape[1:])[:, self.view_order]
-        return tok.flatten(1, 2)  # (N, V * T_img, d)
+        img_tok = bb.encode_images(x.flatten(0, 1))  # (N * V, T_img, d)
+        img_tok = img_tok.view(N, V, *img_tok.shape[1:])[:, self.view_order]
+        return img_tok.flatten(1, 2)  # (N, V * T_img, d)
 
     def sequences(self, img_tok, tails):
         """Build [BOS] [image tokens] [tail] per row, padded at the end.
@@ -500,27 +500,27 @@ class VLA(nn.Module):
         """Independent per-frame passes (policy_head, one_step_continuous; eq. 10, 14).
         images uint8 (B, H, V, 3, S, S), instructions (B) -> [LRN] last-layer hidden states (B, H, d)."""
         B, H = images.shape[:2]
-        tok = self.image_tokens(images.flatten(0, 1))  # (B*H, V*T_img, d)
+        img_tok = self.image_tokens(images.flatten(0, 1))  # (B*H, V*T_img, d)
         instructions = [instructions[b] for b in range(B) for _ in range(H)]
         tails = [self.lrn_tail(s) for s in instructions]
-        x, valid, is_lrn, _ = self.sequences(tok, tails)
+        x, valid, is_lrn, _ = self.sequences(img_tok, tails)
         mask = self.prefix_mask(valid, self.n_prefix(x, tails, instructions))
-        hidden, _ = self.backbone(x, self.positions(x), media=self.media(tok), **self._mask_kw(mask))  # (B*H, T, d)
+        hidden, _ = self.backbone(x, self.positions(x), media=self.media(img_tok), **self._mask_kw(mask))  # (B*H, T, d)
         return hidden[is_lrn].view(B, H, -1)
 
     def interleaved_features(self, images, instructions):
         """One causal sequence of H segments per sample (eq. 12-13) -> every [LRN]_t's hidden state (B, H, d)."""
         B, H = images.shape[:2]
-        tok = self.image_tokens(images.flatten(0, 1))  # (B*H, V*T_img, d)
-        return self.interleaved_from_tokens(tok.view(B, H, *tok.shape[1:]), instructions)
+        img_tok = self.image_tokens(images.flatten(0, 1))  # (B*H, V*T_img, d)
+        return self.interleaved_from_tokens(img_tok.view(B, H, *img_tok.shape[1:]), instructions)
 
-    def interleaved_from_tokens(self, tok, instructions):
-        """interleaved_features from image tokens already encoded, tok (B, H, V*T_img, d). The vision tower sees
+    def interleaved_from_tokens(self, img_tok, instructions):
+        """interleaved_features from image tokens already encoded, img_tok (B, H, V*T_img, d). The vision tower sees
         each frame alone, so tokens encoded one frame at a time (Policy caches them) give the same result."""
-        B, H = tok.shape[:2]
-        tok = tok.flatten(0, 1)  # (B*H, V*T_img, d)
+        B, H = img_tok.shape[:2]
+        img_tok = img_tok.flatten(0, 1)  # (B*H, V*T_img, d)
         tails = [self.lrn_tail(instructions[b]) for b in range(B) for _ in range(H)]
-        x, valid, is_lrn, _ = self.sequences(tok, tails)  # (B*H, n, d): one segment per row
+        x, valid, is_lrn, _ = self.sequences(img_tok, tails)  # (B*H, n, d): one segment per row
         n_pre = self.n_prefix(x, tails, [instructions[b] for b in range(B) for _ in range(H)]).view(B, H)[:, 0]
         x, valid, is_lrn = (t.reshape(B, H * t.shape[1], *t.shape[2:]) for t in (x, valid, is_lrn))
         valid, x, is_lrn = _pack(valid, x, is_lrn)  # segments back to back, padding at the end of each row
@@ -531,10 +531,10 @@ class VLA(nn.Module):
     def vl_prefix(self, images, instructions):
         """MoE: the vision-language prefix [BOS][images][text] of each frame through the plain VLM.
         images (N, V, 3, S, S) -> (hidden (N, T, d), per-layer cache, valid (N, T), action positions (N, L))."""
-        tok = self.image_tokens(images)
-        x, valid, _, _ = self.sequences(tok, [self.text_ids(s) for s in instructions])
+        img_tok = self.image_tokens(images)
+        x, valid, _, _ = self.sequences(img_tok, [self.text_ids(s) for s in instructions])
         mask = self.prefix_mask(valid, valid.sum(1))  # prefix-LM: the whole VL prefix is bidirectional (pi0)
-        hidden, cache = self.backbone(x, self.positions(x), media=self.media(tok), **self._mask_kw(mask))
+        hidden, cache = self.backbone(x, self.positions(x), media=self.media(img_tok), **self._mask_kw(mask))
         pos = valid.sum(1, keepdim=True) + torch.arange(self.config.chunk, device=x.device)  # after the prefix
         return hidden, cache, valid, pos
 
@@ -574,7 +574,7 @@ class VLA(nn.Module):
         B, H = images.shape[:2]
         instructions = [s for s in instructions for _ in range(H)]
         images, actions, mask, B = images.flatten(0, 1), actions.flatten(0, 1), mask.flatten(0, 1), B * H
-        tok = self.image_tokens(images)
+        img_tok = self.image_tokens(images)
         act_ids = self.action_tokenizer.encode(actions).flatten(1).tolist()  # (B, 7L)
         step_ok = mask.repeat_interleave(ACTION_DIM, 1).tolist()  # (B, 7L): masked steps are not targets
         eos = self.backbone.tokenizer.eos_id
@@ -583,7 +583,7 @@ class VLA(nn.Module):
             p = self.text_ids(instructions[b])
             tails.append(p + act_ids[b] + ([eos] if eos is not None else []))
             sup.append([False] * len(p) + step_ok[b] + ([True] if eos is not None else []))
-        x, valid, _, ids = self.sequences(tok, tails)
+        x, valid, _, ids = self.sequences(img_tok, tails)
         target = torch.zeros_like(valid)  # (B, T) True where the token is an action/EOS target
         T_pre = x.shape[1] - max(len(t) for t in tails)  # [BOS] + image tokens
         for b in range(B):
@@ -616,8 +616,8 @@ class VLA(nn.Module):
     def decode_chunk(self, images, instruction):
         """one_step_discrete: greedy decoding of the whole chunk (7·L tokens) with a KV cache (the official
         code decodes one action only). images uint8 (1, V, 3, S, S) -> normalized chunk (1, L, 7)."""
-        tok = self.image_tokens(images)
-        x, valid, _, _ = self.sequences(tok, [self.text_ids(instruction)])
+        img_tok = self.image_tokens(images)
+        x, valid, _, _ = self.sequences(img_tok, [self.text_ids(instruction)])
         mask = self.prefix_mask(valid, valid.sum(1))  # the prompt is all prefix; decoded tokens are causal (cache)
         hidden, cache = self.backbone(x, self.positions(x), **self._mask_kw(mask))
         at, pos, out = self.action_tokenizer, x.shape[1], []
@@ -675,17 +675,16 @@ class VLA(nn.Module):
         Costs one frame's tokens. Exact (== a pass over the same frames, what training sees) only while at most
         H frames have been seen. Afterwards it is NOT the trained model: the kept frames' keys/values were
         computed while the evicted frames were still visible (training never shows a frame its predecessors
-        beyond the window), and the positions keep counting past anything seen in training. Measured on random
-        tiny models (H = 4, 100 steps): chunk differences of 0.09-0.6, also with RoPE, whose relative angles do not
-        remove the first effect. With absolute position embeddings (Kosmos-2's sinusoids) the positions
+        beyond the window), and the positions keep counting past anything seen in training; RoPE's relative
+        angles do not remove the first effect (docs/history.md has the measured error). With absolute position embeddings (Kosmos-2's sinusoids) the positions
         themselves leave the trained range, so this is refused there (see approximate_cache_error).
         -> the new [LRN]'s last-layer hidden state (1, d).
         """
         err = approximate_cache_error(self.backbone)
         if err:
             raise ValueError(err)
-        tok = self.image_tokens(images)
-        x, _, is_lrn, _ = self.sequences(tok, [self.lrn_tail(instruction)])
+        img_tok = self.image_tokens(images)
+        x, _, is_lrn, _ = self.sequences(img_tok, [self.lrn_tail(instruction)])
         n, cache, n_seg = x.shape[1], state.get("cache"), state.get("n_seg", 0)
         if cache is not None and n_seg >= self.config.window:
             cache = [(k[:, :, n:], v[:, :, n:]) for k, v in cache]  # evict the oldest segment
@@ -721,7 +720,7 @@ def approximate_cache_error(backbone):
         return (f"cache='approximate' is refused for this backbone ({getattr(backbone, 'family', 'absolute')}): "
                 f"its LM adds absolute position embeddings, and a streaming KV cache keeps counting positions "
                 f"past anything seen in training (tens of thousands over one CALVIN subtask), so the error is "
-                f"unbounded (~0.6 on a random tiny-kosmos2 within 100 steps); use cache=True (exact)")
+                f"unbounded; use cache=True (exact)")
     return ""
 
 
@@ -828,7 +827,7 @@ class Policy:
     @classmethod
     def from_pretrained(cls, run_dir, execution="chunk", dataset_key=None, device="cpu", verify=True, **kwargs):
         """Load a run directory (verified against its manifest.json, see load_checkpoint) as a Policy. Verifying
-        reads every file once more (sha256 ran at ~0.9 GiB/s here: ~7 s for a 6.6 GB Kosmos-2 run)."""
+        reads every file once more (seconds for a multi-GB run, docs/history.md)."""
         vla, stats, _ = load_checkpoint(run_dir, device, verify=verify)
         return cls(vla, stats, execution=execution, dataset_key=dataset_key, **kwargs)
 

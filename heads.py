@@ -219,7 +219,7 @@ class PolicyHead(nn.Module):
         elif trunk == "gpt":
             self.trunk = GPTTrunk(d, width, layers, heads, max_frames)
         else:
-            raise ValueError(f"head must be one of {TRUNKS}, got {trunk!r}")
+            raise ValueError(f"head must be 'mlp', 'lstm' or 'gpt' (TRUNKS), got {trunk!r}")
         if objective == "regress":
             self.pose = mlp(width, out_hidden, POSE_DIM * chunk)  # followed by tanh
             self.gripper = mlp(width, out_hidden, chunk)  # logits of "open"

@@ -178,6 +178,9 @@ def parse_args(argv=None):
     args.views = [v for v in args.views.split(",") if v]
     fill_head_sizes(p, args)
     check_flags(p, args)
+    if args.resampler and args.backbone in ("tiny", "tiny-flamingo"):
+        p.error(f"--resampler adds a perceiver resampler to a pretrained-family backbone (a model folder or "
+                f"tiny-<family>, e.g. tiny-llava); --backbone {args.backbone} has no such image path: drop --resampler")
     return args
 
 

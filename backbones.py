@@ -1,5 +1,8 @@
 """The VLMs a VLA is built on: vision towers, projectors, language models, tokenizers.
 
+Stands on: torch (with data.py, the bottom floor: no module of ours). Offers: build_backbone (tiny presets and
+pretrained folders), load_vlm, and the backbone interface below that vla.py and heads.py use.
+
 THE BACKBONE INTERFACE (all that vla.py and heads.py use; every VLM family in this file implements it)
 -------------------------------------------------------------------------------------------------------
 A backbone is an nn.Module built by `build_backbone(name, **kwargs)`, with these attributes:
@@ -930,6 +933,53 @@ def checkpoint_files(path):
                             f"safetensors (see docs/backbones.md)")
 
 
+def _read_checkpoint_file(vlm, fn, keys, to_ours, params, loaded, unexpected, cfg_path):
+    """The tensors `keys` of safetensors file fn -> their parameters; adds our names to `loaded`, and to
+    `unexpected` the checkpoint keys no parameter of ours takes (to_ours: checkpoint key -> targets)."""
+    header = safetensors_header(fn)
+    with open(fn, "rb") as f:
+        for key in keys:
+            targets = [t for t in to_ours(key) if not _unused_checkpoint_key(vlm, t[0])]  # (ours, part, n, ...)
+            if any(t[0] not in params for t in targets):
+                unexpected.append(key)
+            elif targets:
+                _read_checkpoint_tensor(vlm, f, fn, key, header, targets, params, cfg_path)
+                loaded.update(t[0] for t in targets)
+
+
+def _read_checkpoint_tensor(vlm, f, fn, key, header, targets, params, cfg_path):
+    """Checkpoint tensor `key` of the open safetensors file f -> its parameter(s), after checking its shape.
+    targets: [(our name, part, n_parts[, heads])]; a fused tensor (q/k/v, n_parts > 1) is n times the rows of
+    each part and is read once, then split (_split_fused)."""
+    if key not in header:
+        raise ValueError(f"{key!r} is listed for {fn} in the index but is not in that file: the download "
+                         f"is inconsistent; download it again")
+    p0, n = params[targets[0][0]], targets[0][2]
+    expected = (n * p0.shape[0],) + tuple(p0.shape[1:]) if p0.dim() else tuple(p0.shape)
+    if header[key][1] != expected:
+        raise ValueError(f"checkpoint key {key!r} in {fn} has shape {header[key][1]}, expected "
+                         f"{expected} from {cfg_path}: config and weights disagree")
+    with torch.no_grad():
+        if n == 1:
+            _read_into(f, header[key], p0)
+            return
+        buf = torch.empty(expected, dtype=header[key][0])  # one buffer of this tensor, split into its parts
+        _read_into(f, header[key], buf)
+        _split_fused(vlm, key, buf, targets, params)
+
+
+def _split_fused(vlm, key, buf, targets, params):
+    """A fused tensor buf (n * rows, ...) -> its n parts' parameters. Consecutive blocks, unless the rows are
+    interleaved per head: GPT-NeoX's query_key_value orders them (head, q/k/v, dim); a target's 4th entry names
+    the heads of other interleaved layouts."""
+    n = targets[0][2]
+    neox = key.endswith(("query_key_value.weight", "query_key_value.bias"))
+    heads = targets[0][3] if len(targets[0]) > 3 else vlm.lm.n_heads if neox else None
+    parts = buf.chunk(n) if heads is None else buf.view(heads, n, -1, *buf.shape[1:]).unbind(1)
+    for (ours, *_), part in zip(targets, parts):
+        params[ours].data.copy_(part.reshape(params[ours].shape))
+
+
 def load_vlm(path, dtype=torch.float32, device="cpu", weights=True):
     """A Hugging Face model folder -> PretrainedVLM with its weights and tokenizer, in eval mode.
     weights=False: the architecture and tokenizer only, parameters left uninitialized (vla.load_checkpoint
@@ -952,38 +1002,11 @@ def load_vlm(path, dtype=torch.float32, device="cpu", weights=True):
     key_map = getattr(vlm, "key_to_ours", None)  # families with their own key table (Qwen-VL, UForm)
     vlm.lm.tie_weights()
     params, loaded, unexpected = dict(vlm.named_parameters()), set(), []
+    to_ours = openflamingo_key_to_ours if flamingo else moondream_key_to_ours if moondream else key_map \
+        or (lambda key: [(checkpoint_key_to_ours(key), 0, 1)])
     for fn in sorted(set(files.values())):
-        header = safetensors_header(fn)
-        with open(fn, "rb") as f:
-            for key in (k for k, v in files.items() if v == fn):
-                targets = openflamingo_key_to_ours(key) if flamingo else moondream_key_to_ours(key) if moondream \
-                    else key_map(key) if key_map else [(checkpoint_key_to_ours(key), 0, 1)]
-                targets = [t for t in targets if not _unused_checkpoint_key(vlm, t[0])]  # (ours, chunk, n_chunks)
-                if not targets:
-                    continue
-                if any(t[0] not in params for t in targets):
-                    unexpected.append(key)
-                    continue
-                if key not in header:
-                    raise ValueError(f"{key!r} is listed for {fn} in the index but is not in that file: the download "
-                                     f"is inconsistent; download it again")
-                p0, n = params[targets[0][0]], targets[0][2]  # a fused q/k/v is n times the rows of each part
-                expected = (n * p0.shape[0],) + tuple(p0.shape[1:]) if p0.dim() else tuple(p0.shape)
-                if header[key][1] != expected:
-                    raise ValueError(f"checkpoint key {key!r} in {fn} has shape {header[key][1]}, expected "
-                                     f"{expected} from {cfg_path}: config and weights disagree")
-                with torch.no_grad():
-                    if n == 1:
-                        _read_into(f, header[key], p0)
-                    else:  # one buffer of this tensor, split into its parts
-                        buf = torch.empty(expected, dtype=header[key][0])
-                        _read_into(f, header[key], buf)
-                        neox = key.endswith(("query_key_value.weight", "query_key_value.bias"))
-                        heads = targets[0][3] if len(targets[0]) > 3 else vlm.lm.n_heads if neox else None
-                        parts = buf.chunk(n) if heads is None else buf.view(heads, n, -1, *expected[1:]).unbind(1)
-                        for (ours, *_), part in zip(targets, parts):  # NeoX: rows ordered (head, q/k/v, dim)
-                            params[ours].data.copy_(part.reshape(params[ours].shape))
-                loaded.update(t[0] for t in targets)
+        keys = [k for k, v in files.items() if v == fn]
+        _read_checkpoint_file(vlm, fn, keys, to_ours, params, loaded, unexpected, cfg_path)
     if unexpected:
         raise ValueError(f"{len(unexpected)} checkpoint tensors in {path} do not belong to a {vlm.family} model, "
                          f"e.g. {unexpected[:4]}: is config.json's model_type right for these weights?")

@@ -1,13 +1,19 @@
 """Episodes on disk -> training windows: CALVIN's own format, the project's HDF5 format, mixtures.
 
+Stands on: torch, numpy, h5py (with backbones.py, the bottom floor: no module of ours). Offers the action
+arithmetic every dataset applies and the policy inverts (statistics, eq. (5)-(6) normalization), image
+preprocessing, the episode format and its readers.
+
 Read top to bottom:
+  0. actions: compute_action_stats (q01/q99, outlier refusal), normalize_action / unnormalize_action eq. (5)-(6)
   1. image preprocessing shared by training and Policy.act: resize_images, normalize_images, random_shift
   2. the HDF5 episode format: EpisodeWriter (crash-safe, flushed per episode); schema in docs/hdf5_format.md
   3. windows: H observation frames, each with the chunk of its next L actions, masked past the segment end
   4. readers: HDF5Dataset, CalvinDataset (the dataset exactly as distributed), MixtureDataset (§II-E co-training)
      LeRobotDataset (v3.0 / v2.x folders, PyAV video) and RLDSDataset (TFDS TFRecord shards, no TensorFlow),
      open_dataset(path) picks the reader, convert_to_hdf5 (docs/data_formats.md)
-  5. make_dataloader: workers + DistributedSampler
+  5. make_dataloader: workers + DistributedSampler, for scripts and notebooks (train.py builds each rank's
+     batches itself, train.rank_batches, so that a step sees the same samples for any number of processes)
 
 A window (one sample) is a dict:
   images       uint8 (H, V, 3, S, S)  views in the order of `views`, resized to the backbone's size S
@@ -30,18 +36,228 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vla import compute_action_stats, normalize_action
-
-ACTION_DIM = 7
+ACTION_DIM = 7  # [dx, dy, dz, droll, dpitch, dyaw, gripper]: 6 pose dims + 1 binary gripper
+POSE_DIM = 6
 VIEWS = ("static", "wrist")  # third-person camera, gripper camera
 SHIFT_PAD = {"static": 10, "wrist": 4}  # official random-shift padding in pixels (rgb_pad / gripper_pad)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP / Kosmos-2 image processor
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-HALF_MEAN, HALF_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # SigLIP / PaliGemma
 
 
 class DataError(ValueError):
     """Bad input data; the message names the file, the episode and the problem."""
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 0a. Action statistics
+# -----------------------------------------------------------------------------------------------------------
+
+# Above this many rows, quantiles come from a streaming histogram instead of an exact sort (see below).
+EXACT_QUANTILE_MAX_ROWS = 500_000
+HIST_BINS = 8192  # histogram resolution: quantile error <= (max - min) / 8192 ~ 1.2e-4 of the range
+STATS_CHUNK_ROWS = 262_144  # rows processed at a time in the streaming path
+
+
+# Implausible actions (a corrupt value such as 1e30 in a small dataset moves q99 to ~1e29 and with it the whole
+# normalization): a pose value farther than OUTLIER_FACTOR x the robust spread (q90 - q10 of its dimension) from
+# the dimension's median is refused. q10/q90 stay put unless > 10% of the rows are corrupt; a legit action 100x
+# the central 80% spread away from the median does not occur in CALVIN, Meta-World or teleoperation deltas.
+OUTLIER_FACTOR = 100.0
+OUTLIER_SAMPLE_ROWS = 200_000  # robust quantiles of big datasets come from an evenly strided sample of rows
+
+
+def find_implausible_actions(actions, factor=None):
+    """-> [(row, dim, value, (low, high))] of pose values (dims 0-5) outside median +- factor x (q90 - q10), at
+    most the first 1000 (enough to name them; a dataset with more is broken as a whole).
+
+    A dimension whose q10 == q90 (constant for most rows, e.g. an unused rotation) borrows the largest spread of
+    the other pose dims; if every pose dim is constant nothing is flagged. The gripper (dim 6) is binarized by
+    normalize_action and is never checked. actions: (N, D) array-like (np.memmap, h5py datasets work)."""
+    factor = OUTLIER_FACTOR if factor is None else factor
+    n, d = actions.shape
+    p = min(d, POSE_DIM)
+    step = max(1, n // OUTLIER_SAMPLE_ROWS)
+    sample = np.asarray(actions[::step], dtype=np.float64)[:, :p]  # (<= ~2 x OUTLIER_SAMPLE_ROWS, p)
+    med = np.median(sample, 0)
+    spread = np.quantile(sample, 0.9, 0) - np.quantile(sample, 0.1, 0)  # (p,)
+    if not (spread > DEGENERATE_RANGE).any():
+        return []
+    spread = np.where(spread > DEGENERATE_RANGE, spread, spread.max())
+    limit = factor * spread
+    out = []
+    for i in range(0, n, STATS_CHUNK_ROWS):
+        rows = np.asarray(actions[i:i + STATS_CHUNK_ROWS], dtype=np.float64)[:, :p]
+        for r, j in np.argwhere(np.abs(rows - med) > limit)[:1000 - len(out)]:
+            out.append((i + int(r), int(j), float(rows[r, j]), (float(med[j] - limit[j]), float(med[j] + limit[j]))))
+        if len(out) >= 1000:
+            break
+    return out
+
+
+def compute_action_stats(actions, where=None):
+    """Per-dimension statistics of an action array (N, D), D is usually 7.
+
+    Refuses non-finite actions and implausible ones (find_implausible_actions: farther than OUTLIER_FACTOR x the
+    robust spread from the median); where(row) -> str names a row in the error (default "action row {row}";
+    the data readers pass the file, episode and frame).
+
+    Returns {"q01", "q99", "mean", "std", "min", "max"}: each a list of D floats, plus "count".
+    Quantiles are exact (numpy's linear interpolation) for N <= EXACT_QUANTILE_MAX_ROWS. Above that, two
+    streaming passes over row chunks (works on np.memmap / h5py datasets too, no sorted copy is ever held):
+    pass 1 gets min/max/mean/std in float64, pass 2 fills a HIST_BINS-bin histogram per dimension between
+    min and max and reads the 1% / 99% quantiles off the cumulative counts with linear interpolation inside
+    the bin. The error is below one bin width, i.e. < 1.3e-4 x (max - min), well inside 1e-3 of the range.
+    """
+    if len(getattr(actions, "shape", ())) != 2:
+        raise ValueError(f"compute_action_stats expects actions of shape (N, D), got shape "
+                         f"{getattr(actions, 'shape', None)}; stack your episodes' actions first")
+    n, d = actions.shape
+    if n == 0:
+        raise ValueError("compute_action_stats got 0 actions: the dataset is empty (check its path and filters)")
+
+    where = where or (lambda row: f"action row {row}")
+
+    def chunks():
+        for i in range(0, n, STATS_CHUNK_ROWS):
+            rows = np.asarray(actions[i:i + STATS_CHUNK_ROWS], dtype=np.float64)
+            if not np.isfinite(rows).all():
+                row, dim = np.argwhere(~np.isfinite(rows))[0]
+                raise ValueError(f"{where(i + int(row))}, dim {dim} is {rows[row, dim]}: statistics need finite "
+                                 f"actions; fix or drop the episode that contains it")
+            yield rows
+
+    # pass 1: moments and range (float64 sums are accurate enough for millions of rows)
+    s, s2 = np.zeros(d), np.zeros(d)
+    lo, hi = np.full(d, np.inf), np.full(d, -np.inf)
+    for rows in chunks():
+        s += rows.sum(0)
+        s2 += (rows * rows).sum(0)
+        lo, hi = np.minimum(lo, rows.min(0)), np.maximum(hi, rows.max(0))
+    mean = s / n
+    std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
+    bad = find_implausible_actions(actions)
+    if bad:
+        row, dim, value, (lo_ok, hi_ok) = bad[0]
+        n_bad = f"{len(bad)}{'+' if len(bad) >= 1000 else ''}"
+        raise ValueError(f"{where(row)}, dim {dim} (0-5 pose) is {value:.6g}, implausibly far from the other "
+                         f"actions (this dimension's plausible range is [{lo_ok:.4g}, {hi_ok:.4g}]: median +- "
+                         f"{OUTLIER_FACTOR:g} x its q10-q90 spread); {n_bad} value(s) flagged. It would move the "
+                         f"q01/q99 normalization bounds: fix or drop that episode (or set data.OUTLIER_FACTOR)")
+
+    if n <= EXACT_QUANTILE_MAX_ROWS:
+        a = np.asarray(actions[:], dtype=np.float64)
+        q01, q99 = np.quantile(a, 0.01, axis=0), np.quantile(a, 0.99, axis=0)
+    else:
+        # pass 2: per-dimension histograms between min and max
+        width = np.where(hi > lo, (hi - lo) / HIST_BINS, 1.0)
+        counts = np.zeros((d, HIST_BINS), dtype=np.int64)
+        for rows in chunks():
+            idx = np.clip(((rows - lo) / width).astype(np.int64), 0, HIST_BINS - 1)  # (n_chunk, d)
+            for j in range(d):
+                counts[j] += np.bincount(idx[:, j], minlength=HIST_BINS)
+        q01, q99 = np.empty(d), np.empty(d)
+        for j in range(d):
+            cdf = np.cumsum(counts[j])
+            for q, out in ((0.01, q01), (0.99, q99)):
+                target = q * (n - 1) + 1  # rank (1-based) of the sample at quantile q
+                b = int(np.searchsorted(cdf, target))  # first bin whose cumulative count reaches it
+                below = cdf[b - 1] if b > 0 else 0
+                frac = (target - below) / max(counts[j, b], 1)  # position inside the bin
+                out[j] = lo[j] + (b + min(frac, 1.0)) * width[j] if hi[j] > lo[j] else lo[j]
+    return {"q01": q01.tolist(), "q99": q99.tolist(), "mean": mean.tolist(), "std": std.tolist(),
+            "min": lo.tolist(), "max": hi.tolist(), "count": int(n)}
+
+
+# -----------------------------------------------------------------------------------------------------------
+# 0b. Action normalization, eq. (5)-(6)
+# -----------------------------------------------------------------------------------------------------------
+
+GRIPPER_THRESHOLD = 0.5  # raw gripper > 0.5 means open: maps {0, 1} and {-1, 1} alike onto {-1, +1}
+OFFICIAL_BOUND = 0.65  # official CALVIN configs: norm_min -0.65, norm_max 0.65 (clip, then divide by 0.65)
+ACTION_NORMS = ("quantile", "bounds")  # eq. (5)-(6) on q01/q99 | the official code's fixed ±OFFICIAL_BOUND
+DEGENERATE_RANGE = 1e-8  # q99 - q01 below this: the dimension is constant, normalize it to 0
+
+
+def check_finite_actions(a, what):
+    """Raise ValueError naming the action dims of `a` (..., 7) (numpy or torch) that hold NaN/inf."""
+    bad = ~torch.isfinite(a) if torch.is_tensor(a) else ~np.isfinite(a)
+    if bad.any():
+        dims = sorted({int(i) for i in (bad.nonzero()[:, -1] if torch.is_tensor(a) else np.nonzero(bad)[-1])})
+        raise ValueError(f"{what}: found NaN/inf in action dim(s) {dims} (0-5 pose, 6 gripper); "
+                         f"check the data source or the model output for that dimension")
+
+
+def _bounds(a, stats, mode, bound):
+    """Per-dim (low, high) of the 6 pose dims, as arrays/tensors matching `a`."""
+    if mode == "quantile":
+        for key in ("q01", "q99"):
+            if key not in stats:
+                raise KeyError(f"action statistics lack '{key}' (have {sorted(stats)}); "
+                               f"recompute them with compute_action_stats")
+        lo, hi = stats["q01"][:POSE_DIM], stats["q99"][:POSE_DIM]
+    elif mode == "bounds":
+        lo, hi = [-bound] * POSE_DIM, [bound] * POSE_DIM
+    else:
+        raise ValueError(f"normalization mode must be 'quantile' (eq. 5-6, q01/q99) or 'bounds' "
+                         f"(official fixed ±{OFFICIAL_BOUND}), got {mode!r}")
+    if torch.is_tensor(a):
+        return (torch.tensor(lo, dtype=a.dtype, device=a.device), torch.tensor(hi, dtype=a.dtype, device=a.device))
+    return np.asarray(lo, dtype=a.dtype), np.asarray(hi, dtype=a.dtype)
+
+
+def _as_float(a):
+    if torch.is_tensor(a):
+        return a if a.is_floating_point() else a.float()
+    a = np.asarray(a)
+    return a if np.issubdtype(a.dtype, np.floating) else a.astype(np.float32)
+
+
+def normalize_action(a, stats, mode="quantile", bound=OFFICIAL_BOUND):
+    """Raw actions (..., 7) -> normalized actions in [-1, 1] (numpy or torch, any leading shape).
+
+    Pose dims 0-5, eq. (5)-(6): clamp to [q01, q99], then map linearly onto [-1, 1]. A dim whose q01 == q99 is
+    constant in the data and maps to 0 (no division by zero). mode="bounds" is the official code's variant:
+    clamp to ±bound and divide by bound.
+    Gripper dim 6 is binary and never quantile-scaled: raw > 0.5 -> +1 (open), else -1 (closed), which is
+    correct for both {0, 1} and {-1, +1} conventions.
+    """
+    a = _as_float(a)
+    if a.shape[-1] != ACTION_DIM:
+        raise ValueError(f"expected actions with last dim {ACTION_DIM}, got shape {tuple(a.shape)}")
+    check_finite_actions(a, "normalize_action")
+    lo, hi = _bounds(a, stats, mode, bound)
+    lib = torch if torch.is_tensor(a) else np
+    span = hi - lo
+    ok = span > DEGENERATE_RANGE
+    safe = lib.where(ok, span, lib.ones_like(span))
+    pose = lib.minimum(lib.maximum(a[..., :POSE_DIM], lo), hi)  # clamp, eq. (5)
+    pose = lib.where(ok, 2 * (pose - lo) / safe - 1, lib.zeros_like(pose))  # eq. (6)
+    grip = lib.where(a[..., POSE_DIM:] > GRIPPER_THRESHOLD, 1.0, -1.0)
+    if torch.is_tensor(a):
+        return torch.cat([pose, grip.to(a.dtype)], -1)
+    return np.concatenate([pose, grip.astype(a.dtype)], -1)
+
+
+def unnormalize_action(a, stats, mode="quantile", bound=OFFICIAL_BOUND):
+    """Inverse of normalize_action: normalized (..., 7) -> the dataset's own units.
+
+    Pose values outside [-1, 1] are clamped first (the model's tanh head stays inside anyway). A constant
+    dim returns its q01. The gripper becomes exactly +1 (g > 0, open) or -1 (closed).
+    """
+    a = _as_float(a)
+    if a.shape[-1] != ACTION_DIM:
+        raise ValueError(f"expected actions with last dim {ACTION_DIM}, got shape {tuple(a.shape)}")
+    check_finite_actions(a, "unnormalize_action")
+    lo, hi = _bounds(a, stats, mode, bound)
+    lib = torch if torch.is_tensor(a) else np
+    pose = lib.minimum(lib.maximum(a[..., :POSE_DIM], -lib.ones_like(lo)), lib.ones_like(hi))
+    pose = (pose + 1) / 2 * (hi - lo) + lo
+    grip = lib.where(a[..., POSE_DIM:] > 0, 1.0, -1.0)
+    if torch.is_tensor(a):
+        return torch.cat([pose, grip.to(a.dtype)], -1)
+    return np.concatenate([pose, grip.astype(a.dtype)], -1)
+
+
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -76,7 +292,7 @@ def resize_images(images, size, out=None):
     if x.device.type != "cpu":
         return x.contiguous() if out is None else out.copy_(x)
     # to planar (..., 3, S, S) memory: for uint8, numpy's strided copy is several times faster than torch's
-    # copy_ / contiguous() (measured ~1-4 ms vs ~4-17 ms for 16 frames at 224 on a busy 2-core machine)
+    # copy_ / contiguous() (docs/history.md)
     out = torch.empty((*lead, 3, size, size), dtype=torch.uint8) if out is None else out
     np.copyto(out.numpy(), x.numpy())
     return out
@@ -324,7 +540,7 @@ class WindowDataset(torch.utils.data.Dataset):
             if len(self.seg_start) == 0:
                 raise DataError(f"dataset {self.key!r}: no segments left to compute statistics from")
             rows = np.unique(np.concatenate([np.arange(s, e + 1) for s, e in zip(self.seg_start, self.seg_end)]))
-            try:  # non-finite or implausible actions (vla.find_implausible_actions), named by episode and frame
+            try:  # non-finite or implausible actions (find_implausible_actions), named by episode and frame
                 stats = compute_action_stats(self.raw_actions[rows], where=lambda r: self._where(int(rows[r])))
             except ValueError as e:
                 raise DataError(f"dataset {self.key!r}: {e}") from None
@@ -408,6 +624,24 @@ def load_stats(path):
 # 4a. HDF5 reader
 # -----------------------------------------------------------------------------------------------------------
 
+def split_episodes(n, split, val_fraction, seed, where):
+    """A held-out validation split of whole episodes -> (chosen: the indices of `split`'s episodes, val: the set
+    of held-out ones). split "all" holds none out; "train" / "val": a seeded choice of round(val_fraction * n)."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(val_fraction * n)) if split != "all" else 0
+    if split != "all" and (n_val < 1 or n_val >= n):
+        raise DataError(f"{where}: val_fraction={val_fraction} of {n} episodes leaves an empty "
+                        f"train or val split; record more episodes or change val_fraction")
+    val = set(order[:n_val].tolist())
+    if split == "all":
+        chosen = list(range(n))
+    elif split in ("train", "val"):
+        chosen = [i for i in range(n) if (i in val) == (split == "val")]
+    else:
+        raise ValueError(f"split must be 'all', 'train' or 'val', got {split!r}")
+    return chosen, val
+
+
 class HDF5Dataset(WindowDataset):
     """Windows from one or more HDF5 episode files (docs/hdf5_format.md). One segment = one episode.
 
@@ -419,8 +653,6 @@ class HDF5Dataset(WindowDataset):
     def __init__(self, path_or_paths, window, chunk, views=VIEWS, image_size=224, stats=None, key=None,
                  split="all", val_fraction=0.1, seed=0, few_shot=None, fraction=None, state=False,
                  norm_mode="quantile", skip_bad=False):
-        import h5py
-
         paths = [path_or_paths] if isinstance(path_or_paths, (str, Path)) else list(path_or_paths)
         if not paths:
             raise ValueError("HDF5Dataset needs at least one file path")
@@ -430,55 +662,11 @@ class HDF5Dataset(WindowDataset):
         self.image_shapes = {}  # {view: (h, w)} shared by every episode, None if they differ
         eps, acts, sts = [], [], []  # eps: (file index, episode name, instruction, task, n frames)
         for fi, path in enumerate(self.paths):
-            if not os.path.isfile(path):
-                raise DataError(f"{path}: HDF5 file not found")
-            try:
-                f = h5py.File(path, "r")
-            except OSError as e:
-                self._bad(f"{path}: cannot open as HDF5 ({e}); the file is corrupt or truncated", skip_bad)
-                continue
-            with f:
-                if f.attrs.get("format") != HDF5_FORMAT or "episodes" not in f:
-                    self._bad(f"{path}: not a {HDF5_FORMAT} file (no 'format' attr / 'episodes' group); "
-                              f"write it with data.EpisodeWriter (schema: docs/hdf5_format.md)", skip_bad)
-                    continue
-                if key is None:
-                    key = _attr_str(f.attrs.get("dataset_key", Path(path).stem))
-                for name in sorted(f["episodes"]):
-                    g, where = f["episodes"][name], f"{path} episode {name}"
-                    if not g.attrs.get("complete", 0):
-                        self.n_incomplete += 1  # interrupted write: never part of the data
-                        continue
-                    try:
-                        a, s = _read_hdf5_episode(g, views, state, where)
-                        if s is not None and sts and s.shape[1] != sts[0].shape[1]:
-                            raise DataError(f"{where}: state has {s.shape[1]} dims, earlier episodes {sts[0].shape[1]}")
-                    except (DataError, KeyError, OSError) as e:
-                        self._bad(e if isinstance(e, DataError) else f"{where}: unreadable ({e})", skip_bad)
-                        continue
-                    for v in views:
-                        hw = tuple(g["images"][v].shape[1:3])
-                        if self.image_shapes.setdefault(v, hw) != hw:
-                            self.image_shapes[v] = None  # mixed camera sizes: not recorded
-                    eps.append((fi, name, _attr_str(g.attrs["instruction"]), _attr_str(g.attrs.get("task", "")),
-                                len(a)))
-                    acts.append(a)
-                    sts.append(s)
+            file_key = self._scan_file(fi, path, views, state, skip_bad, eps, acts, sts)
+            key = file_key if key is None else key
         if not eps:
             raise DataError(f"{self.paths}: no complete, valid episodes found")
-        # held-out validation split of whole episodes
-        order = np.random.default_rng(seed).permutation(len(eps))
-        n_val = int(round(val_fraction * len(eps))) if split != "all" else 0
-        if split != "all" and (n_val < 1 or n_val >= len(eps)):
-            raise DataError(f"{self.paths}: val_fraction={val_fraction} of {len(eps)} episodes leaves an empty "
-                            f"train or val split; record more episodes or change val_fraction")
-        val = set(order[:n_val].tolist())
-        if split == "all":
-            chosen = list(range(len(eps)))
-        elif split in ("train", "val"):
-            chosen = [i for i in range(len(eps)) if (i in val) == (split == "val")]
-        else:
-            raise ValueError(f"split must be 'all', 'train' or 'val', got {split!r}")
+        chosen, val = split_episodes(len(eps), split, val_fraction, seed, self.paths)
         if stats is None and split == "val":  # normalize held-out episodes with the training statistics
             stats = compute_action_stats(np.concatenate([acts[i] for i in range(len(eps)) if i not in val]))
         self.episodes = [eps[i][:2] for i in chosen]  # (file index, episode name) per segment
@@ -493,6 +681,56 @@ class HDF5Dataset(WindowDataset):
         self.episodes = [self.episodes[i] for i in self.seg_keep]
         if self.n_bad:
             warnings.warn(f"HDF5Dataset skipped {self.n_bad} bad file(s)/episode(s) (skip_bad=True); first: {self.bad[0]}")
+
+    def _scan_file(self, fi, path, views, state, skip_bad, eps, acts, sts):
+        """Append the complete, valid episodes of file `fi` to eps / acts / sts (skip_bad: count and skip the bad
+        ones, else raise) -> the file's dataset key, None if the file was skipped."""
+        import h5py
+
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: HDF5 file not found")
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            self._bad(f"{path}: cannot open as HDF5 ({e}); the file is corrupt or truncated", skip_bad)
+            return None
+        with f:
+            if f.attrs.get("format") != HDF5_FORMAT or "episodes" not in f:
+                self._bad(f"{path}: not a {HDF5_FORMAT} file (no 'format' attr / 'episodes' group); "
+                          f"write it with data.EpisodeWriter (schema: docs/hdf5_format.md)", skip_bad)
+                return None
+            key = _attr_str(f.attrs.get("dataset_key", Path(path).stem))
+            for name in sorted(f["episodes"]):
+                g, where = f["episodes"][name], f"{path} episode {name}"
+                if not g.attrs.get("complete", 0):
+                    self.n_incomplete += 1  # interrupted write: never part of the data
+                    continue
+                episode = self._read_episode(g, where, views, state, skip_bad, sts)
+                if episode is None:
+                    continue
+                self._note_image_shapes(g, views)
+                eps.append((fi, name, _attr_str(g.attrs["instruction"]), _attr_str(g.attrs.get("task", "")),
+                            len(episode[0])))
+                acts.append(episode[0])
+                sts.append(episode[1])
+        return key
+
+    def _read_episode(self, g, where, views, state, skip_bad, sts):
+        """(actions (T, 7), state or None) of one validated episode; None if skip_bad skipped it."""
+        try:
+            a, s = _read_hdf5_episode(g, views, state, where)
+            if s is not None and sts and s.shape[1] != sts[0].shape[1]:
+                raise DataError(f"{where}: state has {s.shape[1]} dims, earlier episodes {sts[0].shape[1]}")
+        except (DataError, KeyError, OSError) as e:
+            self._bad(e if isinstance(e, DataError) else f"{where}: unreadable ({e})", skip_bad)
+            return None
+        return a, s
+
+    def _note_image_shapes(self, g, views):
+        for v in views:
+            hw = tuple(g["images"][v].shape[1:3])
+            if self.image_shapes.setdefault(v, hw) != hw:
+                self.image_shapes[v] = None  # mixed camera sizes: not recorded
 
     def _where(self, row):
         start, episodes = self._row_episodes
@@ -975,7 +1213,7 @@ def pick_cameras(available, views, override=None, where=""):
 
 
 def gripper_pm1(g, closed_high=False):
-    """Gripper command (N,) -> +1 open / -1 closed (the project's convention, vla.normalize_action).
+    """Gripper command (N,) -> +1 open / -1 closed (the project's convention, normalize_action).
 
     Values within [0, 1] (bridge: 1 = open) are split at 0.5, values with negatives ([-1, 1]) at 0.
     closed_high: the dataset's high value means closed (e.g. a 0 = open, 1 = closed gripper).

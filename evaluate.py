@@ -1,5 +1,9 @@
 """Closed-loop evaluation: environments behind one small adapter shape, their protocols, results tables, GIFs.
 
+Stands on: vla.Policy and data.EpisodeWriter, imported where they are used (the environment worker processes
+stay free of the model code). Offers: the adapters and protocols below, and the torchrun setup of both entry
+points (init_distributed / end_distributed / rank_world, also used by train.py).
+
 Every benchmark adapter speaks the same shape, so one `vla.Policy` drives all of them:
 
     obs = env.reset(seed)        -> {"static": HxWx3 uint8, "wrist": HxWx3 uint8, "state": float32 (D,)}
@@ -128,8 +132,7 @@ def check_rendering(needed_for="the Meta-World demonstrations and evaluation"):
 # 2. Meta-World (v3, gymnasium API): adapter, scripted experts, demonstrations, evaluation protocol
 # -----------------------------------------------------------------------------------------------------------
 
-# task -> instruction. Every task here has a scripted expert that succeeds on >= 95% of seeds (measured with
-# metaworld 3.1.1; plate-slide's expert only reached 7/20, so it is not listed).
+# task -> instruction. Every task here has a scripted expert that succeeds on >= 95% of seeds (docs/history.md).
 METAWORLD_INSTRUCTIONS = {
     "drawer-open": "open the drawer",
     "drawer-close": "close the drawer",
@@ -535,7 +538,7 @@ def evaluate_metaworld(policy, tasks=DEFAULT_TASKS, episodes=10, seed=0, image_s
                          f"scene={scene!r}, instructions={instructions!r}")
     jobs = [(policy, t, s, image_size, tuple(cameras), max_steps, gif_dir is not None and i == 0, scene, instructions)
             for t in tasks for i, s in enumerate(seeds)]
-    rank, world = _dist_rank_world()  # under torchrun each rank runs every world-th episode; merged below
+    rank, world = rank_world()  # under torchrun each rank runs every world-th episode; merged below
     jobs = jobs[rank::world]
     wins, steps = {t: 0 for t in tasks}, {t: [] for t in tasks}
     bar = tqdm(total=len(jobs), desc="closed-loop eval", unit="ep", disable=not progress)
@@ -923,7 +926,10 @@ def calvin_table(summary, method="RoboVLMs (this run)", train=""):
             + "\n".join(lines) + "\n")
 
 
-def _dist_rank_world():
+# ---- torchrun: the one process-group setup and teardown of both entry points (this file and train.py) ----
+
+def rank_world():
+    """(rank, world size) of this process: (0, 1) outside torchrun."""
     try:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
@@ -931,6 +937,32 @@ def _dist_rank_world():
     except ImportError:
         pass
     return 0, 1
+
+
+def init_distributed(device="cpu"):
+    """Under torchrun (WORLD_SIZE > 1) join the process group once -> (rank, world, torch.device).
+
+    device: a --device flag, "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:i". Under torchrun each
+    process takes its own GPU (LOCAL_RANK); the group runs nccl on GPUs and gloo on CPUs, so every multi-process
+    path is testable on a laptop. evaluate.py passes "cpu": its group only gathers small Python objects."""
+    import torch
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    dev = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda and world > 1 else
+                       ("cuda" if cuda else "cpu") if device == "auto" else device)
+    if world > 1 and not torch.distributed.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return (*rank_world(), dev)
+
+
+def end_distributed():
+    """Leave the process group before exiting: gloo's threads still running at interpreter exit abort the
+    process ("terminate called without an active exception", SIGABRT, see docs/history.md)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _write_json(path, obj):
@@ -961,7 +993,7 @@ def evaluate_calvin(policy, env, oracle, sequences=None, instructions=None, out_
     """
     from tqdm import tqdm
     sequences = calvin_sequences() if sequences is None else list(sequences)
-    r0, w0 = _dist_rank_world()
+    r0, w0 = rank_world()
     rank, world_size = (r0 if rank is None else rank), (w0 if world_size is None else world_size)
     if isinstance(instructions, (list, tuple)) and len(instructions) < len(sequences):
         raise ValueError(f"{len(instructions)} instruction lists for {len(sequences)} sequences")
@@ -983,7 +1015,7 @@ def evaluate_calvin(policy, env, oracle, sequences=None, instructions=None, out_
         if out_dir:
             _write_json(out_dir / f"calvin_rank{rank}.json", records)
         bar.set_postfix(avg_len=f"{np.mean([r['result'] for r in records]):.2f}")
-    if world_size > 1 and _dist_rank_world()[1] == world_size:
+    if world_size > 1 and rank_world()[1] == world_size:
         import torch.distributed as dist
         gathered = [None] * world_size
         dist.all_gather_object(gathered, records)
@@ -1375,7 +1407,7 @@ def run_metaworld_eval(ckpt, episodes=10, seed=0, execution=None, tasks=None, ou
     train_args = json.loads((ckpt / "train_args.json").read_text()) if (ckpt / "train_args.json").exists() else {}
     tasks = tasks or train_args.get("tasks") or list(DEFAULT_TASKS)
     execution = execution or train_args.get("execution", "chunk")  # default: as train.py evaluated it
-    rank, world = _dist_rank_world()  # under torchrun: episodes are sharded over the ranks
+    rank, world = rank_world()  # under torchrun: episodes are sharded over the ranks
     if device == "cuda" and world > 1:
         device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     workers = workers or (max(1, min(8, os.cpu_count() or 1) // world) if device == "cpu" else 1)
@@ -1407,7 +1439,8 @@ def run_replay_eval(ckpt, datasets, episodes=10, execution="first", device="cpu"
     predicting the middle of the normalized range, a floor to read the number against. These are the training
     datasets' own episodes: a fit check of the run, not a generalization result. Writes replay.md under `out`.
     """
-    from vla import Policy, load_checkpoint, normalize_action
+    from data import normalize_action
+    from vla import Policy, load_checkpoint
     model, stats, _ = load_checkpoint(str(ckpt), device)
     lines = ["| dataset | segments | frames | pose L1 | zero L1 | gripper agreement |", "|---|---|---|---|---|---|"]
     results = {}
@@ -1437,15 +1470,6 @@ def run_replay_eval(ckpt, datasets, episodes=10, execution="first", device="cpu"
     return results, text
 
 
-def _init_distributed():
-    """Under torchrun (WORLD_SIZE > 1) start the process group once; returns (rank, world_size)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")  # only small Python objects are gathered: CPU is enough
-    return _dist_rank_world()
-
-
 def _policy(ckpt, execution, dataset_key, device):
     from vla import Policy
     if device == "cuda" and "LOCAL_RANK" in os.environ:
@@ -1457,7 +1481,7 @@ def run_calvin_eval(ckpt, calvin_root, out=None, execution="first", dataset_key=
                     sequences_file=None, num_sequences=CALVIN_NUM_SEQUENCES, instructions_file=None, novel=False,
                     progress=True):
     """Policy from a run directory on the official CALVIN protocol (shard with torchrun --nproc_per_node=N)."""
-    rank, _ = _init_distributed()
+    rank, _, _ = init_distributed()  # the group only gathers small Python objects: gloo
     policy = _policy(ckpt, execution, dataset_key, device)
     env, oracle = make_calvin(calvin_root)
     sequences = (load_calvin_sequences(sequences_file) if sequences_file else calvin_sequences())[:num_sequences]
@@ -1485,12 +1509,13 @@ def run_simpler_eval(ckpt, tasks="all", out=None, execution="first", dataset_key
 
 def main(argv=None):
     import argparse
+    from vla import EXECUTIONS
     p = argparse.ArgumentParser(description="Closed-loop evaluation of a trained VLA run directory.")
     p.add_argument("--ckpt", required=True, help="run directory written by train.py (model.safetensors, ...)")
     p.add_argument("--benchmark", default="metaworld", choices=["metaworld", "calvin", "simpler"])
     p.add_argument("--episodes", type=int, default=10, help="episodes per task")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed (same seed -> same numbers)")
-    p.add_argument("--execution", default=None, choices=["chunk", "first", "ensemble"],
+    p.add_argument("--execution", default=None, choices=EXECUTIONS,
                    help="chunk: run the whole predicted chunk open loop; first: re-plan every step; "
                         "ensemble: ACT temporal ensembling (default: metaworld the run's own train.py "
                         "--execution, calvin/simpler first)")
@@ -1528,7 +1553,7 @@ def main(argv=None):
         except RuntimeError as e:
             raise SystemExit(f"error: {e}") from None
         tasks = args.tasks.split(",") if args.tasks else None
-        rank, _ = _init_distributed()  # torchrun --nproc_per_node=N evaluate.py ...: episodes sharded over ranks
+        rank, _, _ = init_distributed()  # torchrun --nproc_per_node=N evaluate.py ...: episodes sharded over ranks
         _, text = run_metaworld_eval(args.ckpt, args.episodes, args.seed, args.execution, tasks, args.out,
                                      device=args.device, workers=args.workers or None, progress=rank == 0,
                                      scene=args.scene, instructions=args.instructions)
@@ -1540,7 +1565,7 @@ def main(argv=None):
         _, text = run_calvin_eval(args.ckpt, args.calvin_root, args.out, args.execution or "first", args.dataset_key,
                                   args.device, args.calvin_sequences, args.num_sequences, args.calvin_instructions,
                                   args.calvin_novel)
-        if _dist_rank_world()[0] == 0:
+        if rank_world()[0] == 0:
             print(text)
     elif args.benchmark == "simpler":
         _, text = run_simpler_eval(args.ckpt, args.task, args.out, args.execution or "first", args.dataset_key, args.device,
@@ -1548,16 +1573,8 @@ def main(argv=None):
         print(text)
 
 
-def _end_distributed():
-    """Leave the process group before exiting: gloo's threads still running at interpreter exit abort the
-    process ("terminate called without an active exception", SIGABRT), so torchrun saw about half the runs fail."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
     try:
         main()
     finally:
-        _end_distributed()
+        end_distributed()

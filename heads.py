@@ -1,4 +1,7 @@
-"""Policy heads: what turns VLM features into action chunks.
+"""Policy heads: what turns VLM features into action chunks, and the losses they are trained with.
+
+Stands on: backbones.RMSNorm and data's ACTION_DIM / POSE_DIM. Offers: continuous_action_loss eq. (7),
+discrete_action_loss eq. (8), flow matching (flow_loss, flow_sample), PolicyHead, ActionExpert.
 
   PolicyHead     a temporal trunk over the H per-frame [LRN] features (MLP = per frame, LSTM, or causal GPT;
                  eq. 10 and eq. 15) followed by an output stage:
@@ -21,7 +24,58 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backbones import RMSNorm
-from vla import ACTION_DIM, POSE_DIM, continuous_action_loss
+from data import ACTION_DIM, POSE_DIM
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Losses, eq. (7) (continuous) and eq. (8) (discrete)
+# -----------------------------------------------------------------------------------------------------------
+
+def continuous_action_loss(pred_pose, pred_gripper_logit, target, mask, lam=0.01, kind="huber"):
+    """eq. (7): regression on the 6 pose dims + lam * BCE on the gripper, averaged over valid entries.
+
+    pred_pose (..., 6), pred_gripper_logit (...), target (..., 7) normalized with gripper ±1, mask (...) bool
+    (False where a chunk runs past the end of its segment). The paper's text uses MSE; the official code uses
+    Huber (delta = 1) and lam = 0.01 (arm_gripper_loss_ratio), our defaults.
+    Returns (loss, metrics) with metrics loss_pose, loss_gripper, acc_gripper as floats.
+    """
+    if pred_pose.shape[-1] != POSE_DIM or target.shape[-1] != ACTION_DIM:
+        raise ValueError(f"expected pred_pose (..., 6) and target (..., 7), got {tuple(pred_pose.shape)} "
+                         f"and {tuple(target.shape)}")
+    m = mask.to(pred_pose.dtype)  # (...)
+    n = m.sum().clamp(min=1)
+    if kind == "huber":
+        pose_err = F.huber_loss(pred_pose, target[..., :POSE_DIM], reduction="none", delta=1.0)
+    elif kind == "mse":
+        pose_err = F.mse_loss(pred_pose, target[..., :POSE_DIM], reduction="none")
+    else:
+        raise ValueError(f"loss kind must be 'huber' or 'mse', got {kind!r}")
+    loss_pose = (pose_err.mean(-1) * m).sum() / n  # mean over the 6 dims, masked mean over entries
+    label = (target[..., POSE_DIM] > 0).to(pred_gripper_logit.dtype)  # BCE labels: 1 = open, 0 = closed
+    bce = F.binary_cross_entropy_with_logits(pred_gripper_logit, label, reduction="none")
+    loss_grip = (bce * m).sum() / n
+    acc = (((pred_gripper_logit > 0).to(m.dtype) == label).to(m.dtype) * m).sum() / n
+    loss = loss_pose + lam * loss_grip
+    return loss, {"loss_pose": loss_pose.item(), "loss_gripper": loss_grip.item(), "acc_gripper": acc.item()}
+
+
+def discrete_action_loss(logits, target_ids, mask):
+    """eq. (8): cross-entropy over action tokens only. logits (..., V), target_ids (...), mask (...) bool."""
+    m = mask.to(logits.dtype)
+    n = m.sum().clamp(min=1)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target_ids.reshape(-1).long(),
+                         reduction="none").view(target_ids.shape)
+    loss = (ce * m).sum() / n
+    acc = ((logits.argmax(-1) == target_ids).to(m.dtype) * m).sum() / n
+    return loss, {"loss_tokens": loss.item(), "acc_tokens": acc.item()}
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Heads
+# -----------------------------------------------------------------------------------------------------------
+
+
+TRUNKS = ("mlp", "lstm", "gpt")  # PolicyHead's temporal trunks (VLAConfig.head, train.py --head)
 
 
 def mlp(d_in, hidden, d_out):
@@ -165,7 +219,7 @@ class PolicyHead(nn.Module):
         elif trunk == "gpt":
             self.trunk = GPTTrunk(d, width, layers, heads, max_frames)
         else:
-            raise ValueError(f"head must be 'mlp', 'lstm' or 'gpt', got {trunk!r}")
+            raise ValueError(f"head must be 'mlp', 'lstm' or 'gpt' (TRUNKS), got {trunk!r}")
         if objective == "regress":
             self.pose = mlp(width, out_hidden, POSE_DIM * chunk)  # followed by tanh
             self.gripper = mlp(width, out_hidden, chunk)  # logits of "open"

@@ -1,5 +1,7 @@
 """Run a trained VLA on the paper's real arm (§III-D): Kinova Gen3 7-DoF + Robotiq 2F-85, an Azure Kinect
 static camera and a RealSense D435i wrist camera; record demonstrations in the project's HDF5 format.
+Stands on: vla (Policy, the execution modes) and data (resize_images, EpisodeWriter), imported lazily so that the
+safety layer runs without torch. Offers: the command line below and run_episode.
 
     python robot.py --ckpt runs/x --instruction "open the drawer" --hz 10            # run a policy
     python robot.py --ckpt runs/x --instruction "open the drawer" --dry-run          # print commands, never move
@@ -568,6 +570,7 @@ def _resize(img, size):
 
 
 def build_parser():
+    from vla import EXECUTIONS  # imported here, as every model piece: the safety layer above runs without torch
     env, d = os.environ.get, Limits()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Credentials default to the Kinova factory values (admin/admin); override "
@@ -575,7 +578,7 @@ def build_parser():
     p.add_argument("--ckpt", help="run directory written by train.py (omit to record teleoperated demos)")
     p.add_argument("--instruction", required=True, help="language instruction given to the policy / stored")
     p.add_argument("--task", help="task name stored with recorded episodes (default: the instruction)")
-    p.add_argument("--execution", choices=("chunk", "first", "ensemble"), default="chunk")
+    p.add_argument("--execution", choices=EXECUTIONS, default="chunk")
     p.add_argument("--dataset-key", help="which action statistics of the checkpoint to use")
     p.add_argument("--device", default="cpu", help="torch device of the policy")
     p.add_argument("--hz", type=float, default=None,

@@ -6,7 +6,8 @@
   3. evaluate it in closed loop on evaluation seeds never used for demonstrations and print a success table
      (scripted expert = ceiling, random actions = floor).
 
-Every choice is a flag (printed at start). The run directory gets model.safetensors, config.json,
+Every choice is a flag (printed at start); the model flags left unset take the values of vla.VLAConfig.metaworld(),
+the preset of this default job (head sizes: --head-size's preset). The run directory gets model.safetensors, config.json,
 action_stats.json (vla.save_checkpoint), train_args.json, metrics.csv, loss_curve.png, results.md, GIFs.
 Re-run the evaluation alone with `python evaluate.py --ckpt RUN_DIR --benchmark metaworld`.
 
@@ -25,6 +26,8 @@ Scale-out and faults (tests/test_scale.py):
       --init-from CO_TRAINED_RUN --data A.h5 (post-train).
   Hidden test hooks: --debug-nan-at-step N (the N-th step's loss becomes NaN), --debug-kill-at-step N
       (SIGKILL once N steps are done).
+
+Stands on vla, data and evaluate (the floors below; this file is the top one).
 """
 
 import argparse
@@ -52,25 +55,63 @@ import vla
 # flags
 # -----------------------------------------------------------------------------------------------------------
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """-h prints every default; a flag whose default is None says in its help where its value comes from."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument_group("model (vla.VLAConfig; defaults: the tiny preset, paper's best formulation)")
-    a.add_argument("--formulation", default="policy_head", choices=vla.FORMULATIONS)
-    a.add_argument("--backbone", default="tiny")
-    a.add_argument("--head", default="lstm", choices=["mlp", "lstm", "gpt"], help="policy-head trunk")
-    a.add_argument("--head-size", default="auto", choices=["auto", "tiny", "paper"], help="head widths: tiny = "
-                   "VLAConfig.tiny (LSTM 2x128, CPU), paper = VLAConfig.paper (LSTM 4x1024, MLP 1024-512-256, GPT 8 "
-                   "layers); auto = paper for a pretrained backbone folder, tiny otherwise")
-    a.add_argument("--window", type=int, default=2, help="H, history frames")
-    a.add_argument("--chunk", type=int, default=8, help="L, actions predicted per frame")
-    a.add_argument("--action-loss", default="huber", choices=["huber", "mse", "flow"])
-    a.add_argument("--moe", action="store_true",
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    c = vla.VLAConfig.metaworld()  # the defaults of the model flags: one home, the preset
+    a = p.add_argument_group("model (vla.VLAConfig; defaults: its metaworld preset, the paper's best formulation)")
+    a.add_argument("--formulation", default=c.formulation, choices=vla.FORMULATIONS, help="§III-C")
+    a.add_argument("--backbone", default=c.backbone, help="tiny | tiny-<family> | a pretrained model folder")
+    a.add_argument("--head", default=c.head, choices=vla.HEADS, help="policy-head trunk")
+    a.add_argument("--head-size", default="auto", choices=["auto", "tiny", "paper"], help="preset of the head sizes "
+                   "left unset below: tiny = VLAConfig.tiny (LSTM 2x128, CPU), paper = VLAConfig.paper (LSTM 4x1024, "
+                   "MLP 1024-512-256, GPT 8 layers); auto = paper for a pretrained backbone folder, tiny otherwise")
+    tiny, paper = vla.VLAConfig.tiny(), vla.VLAConfig.paper("")
+    a.add_argument("--head-width", type=int, default=None, help=f"LSTM hidden / GPT width / MLP-trunk width "
+                   f"(default: --head-size's, tiny {tiny.head_width}, paper {paper.head_width})")
+    a.add_argument("--head-layers", type=int, default=None, help=f"LSTM / GPT layers (default: --head-size's, tiny "
+                   f"{tiny.head_layers}, paper {paper.head_layers}, paper GPT {vla.VLAConfig.paper('', head='gpt').head_layers})")
+    a.add_argument("--head-heads", type=int, default=None, help=f"GPT attention heads (default: --head-size's, tiny "
+                   f"{tiny.head_heads}, paper {paper.head_heads})")
+    a.add_argument("--head-mlp", default=None, metavar="N,N,...", help=f"hidden sizes of the output MLP, "
+                   f"comma-separated (default: --head-size's, tiny {','.join(map(str, tiny.head_mlp))}, paper "
+                   f"{','.join(map(str, paper.head_mlp))})")
+    a.add_argument("--window", type=int, default=c.window, help="H, history frames")
+    a.add_argument("--chunk", type=int, default=c.chunk, help="L, actions predicted per frame")
+    a.add_argument("--action-loss", default=c.action_loss, choices=vla.ACTION_LOSSES,
+                   help="eq. (7) with Huber (official) or MSE (paper text) on the pose, or flow matching")
+    a.add_argument("--gripper-loss-weight", "--lam", type=float, default=c.lam,
+                   help="lambda of eq. (7): weight of the gripper BCE (official arm_gripper_loss_ratio)")
+    a.add_argument("--flow-steps", type=int, default=c.flow_steps, help="Euler steps of flow-matching inference")
+    a.add_argument("--n-bins", type=int, default=c.n_bins, help="action bins of one_step_discrete (§III-B-1)")
+    a.add_argument("--action-norm", default=c.action_norm, choices=data.ACTION_NORMS,
+                   help=f"how the datasets normalize actions: quantile = eq. (5)-(6) on their q01/q99; bounds = "
+                        f"clip to +-{data.OFFICIAL_BOUND} and divide (the official code)")
+    a.add_argument("--moe", action="store_true", default=c.moe,
                    help="pi0-style mixture-of-experts action expert (Table IIb; one_step_continuous only)")
-    a.add_argument("--attention", default="auto", choices=["auto", "prefix", "causal"],
+    a.add_argument("--expert-width", type=int, default=c.expert_width, help="width of the --moe expert (0 = the "
+                   "VLM's width)")
+    a.add_argument("--attention", default=c.attention, choices=vla.ATTENTIONS,
                    help="LM mask: auto = the backbone's own (PaliGemma: prefix-LM, bidirectional over images + "
                         "prompt; others causal)")
-    a.add_argument("--views", default="static,wrist", help="cameras, comma-separated")
-    a.add_argument("--image-size", type=int, default=64, help="rendered (and model input) image size")
+    a.add_argument("--train-vision", action=argparse.BooleanOptionalAction, default=c.train_vision,
+                   help="train the vision tower (--no-train-vision freezes it, the paper's frozen-backbone ablation)")
+    a.add_argument("--train-language", action=argparse.BooleanOptionalAction, default=c.train_language,
+                   help="train the language model's layers")
+    a.add_argument("--train-embeddings", action=argparse.BooleanOptionalAction, default=c.train_embeddings,
+                   help="train the token embeddings")
+    a.add_argument("--resampler", type=int, default=None, metavar="N", help="add a perceiver resampler to N latents "
+                   "on the image path of a pretrained-family backbone (backbone_kwargs resampler; RoboVLMs: 64)")
+    a.add_argument("--shift-aug", action=argparse.BooleanOptionalAction, default=c.shift_aug,
+                   help="random-shift image augmentation (official)")
+    a.add_argument("--views", default=",".join(c.views), help="cameras, comma-separated")
+    a.add_argument("--image-size", type=int, default=c.image_size, help="rendered (and model input) image size")
     d = p.add_argument_group("data (Meta-World scripted-expert demonstrations)")
     d.add_argument("--tasks", default=",".join(evaluate.DEFAULT_TASKS), help="comma-separated Meta-World tasks")
     d.add_argument("--demos-per-task", type=int, default=30)
@@ -90,15 +131,15 @@ def parse_args(argv=None):
     o.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = the cores of this process "
                    "left after its DataLoader workers, at most 8)")
     o.add_argument("--loader-workers", type=int, default=-1, help="DataLoader worker processes (-1 = 1 when a "
-                   "process has more than 2 cores, else 0: on an idle 2-core box, 2 compute threads with in-process "
-                   "loading ran 7.5 steps/s, 1 thread + 1 worker 5.1)")
+                   "process has more than 2 cores, else 0: on 2 cores both computing beats one loading; "
+                   "docs/history.md)")
     o.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     o.add_argument("--log-every", type=int, default=25)
     o.add_argument("--out", default="runs/default")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--execution", default="ensemble", choices=["chunk", "first", "ensemble"],
+    e.add_argument("--execution", default="ensemble", choices=vla.EXECUTIONS,
                    help="chunk: the L actions open loop; first: re-plan every step; ensemble: ACT temporal "
-                   "ensembling (re-plans every step; best here: 70/86%% vs chunk 60/78%% on eval seeds 0/1)")
+                   "ensembling (re-plans every step; the best of the three here, docs/history.md)")
     e.add_argument("--eval-episodes", type=int, default=10, help="episodes per task (0 = skip evaluation)")
     e.add_argument("--eval-seed", type=int, default=0)
     e.add_argument("--max-steps", type=int, default=200, help="evaluation episode step limit")
@@ -122,8 +163,6 @@ def parse_args(argv=None):
                    "(all processes and micro-batches together)")
     s.add_argument("--fsdp", action="store_true", help="shard the model with FSDP (bf16 compute), under torchrun")
     s.add_argument("--act-ckpt", action="store_true", help="activation checkpointing of the transformer blocks")
-    s.add_argument("--shift-aug", action=argparse.BooleanOptionalAction, default=True,
-                   help="random-shift image augmentation (official)")
     s.add_argument("--debug-nan-at-step", type=int, default=-1, help=argparse.SUPPRESS)  # tests: NaN loss at step
     s.add_argument("--debug-kill-at-step", type=int, default=-1, help=argparse.SUPPRESS)  # tests: SIGKILL at step
     args = p.parse_args(argv)
@@ -142,12 +181,36 @@ def parse_args(argv=None):
         args.tasks, args.views = (v if isinstance(v, str) else ",".join(v) for v in (args.tasks, args.views))
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.views = [v for v in args.views.split(",") if v]
+    fill_head_sizes(p, args)
     check_flags(p, args)
+    if args.resampler and args.backbone in ("tiny", "tiny-flamingo"):
+        p.error(f"--resampler adds a perceiver resampler to a pretrained-family backbone (a model folder or "
+                f"tiny-<family>, e.g. tiny-llava); --backbone {args.backbone} has no such image path: drop --resampler")
     return args
 
 
-# The allowed range of every numeric flag ("lo..hi" inclusive). Checked before any work: --steps -5 used to exit 0
-# having trained nothing, --batch 0 and --ckpt-every 0 ended in ZeroDivisionError after the data was built.
+HEAD_SIZES = ("head_width", "head_layers", "head_heads", "head_mlp")
+
+
+def fill_head_sizes(p, args):
+    """Head sizes left unset -> those of the --head-size preset (a run's train_args.json from before these flags
+    has none: the preset then gives the sizes it trained with). --head-mlp "1024,512,256" -> [1024, 512, 256]."""
+    paper = head_preset(args.head_size, args.backbone) == "paper"
+    preset = vla.VLAConfig.paper("", head=args.head) if paper else vla.VLAConfig.tiny()  # paper GPT: 8 layers
+    for k in HEAD_SIZES:
+        if getattr(args, k, None) is None:
+            setattr(args, k, list(getattr(preset, k)) if k == "head_mlp" else getattr(preset, k))
+    if isinstance(args.head_mlp, str):
+        try:
+            args.head_mlp = [int(x) for x in args.head_mlp.split(",") if x.strip()]
+        except ValueError:
+            p.error(f"--head-mlp must be comma-separated positive integers, e.g. 1024,512,256; got {args.head_mlp!r}")
+    if not args.head_mlp or min(args.head_mlp) < 1:
+        p.error(f"--head-mlp must be comma-separated positive integers, e.g. 1024,512,256; got {args.head_mlp}")
+
+
+# The allowed range of every numeric flag ("lo..hi" inclusive), checked before any work (check_flags): a value
+# outside it would train nothing or fail only after the data was built.
 FLAG_RANGES = {
     "window": ">= 1", "chunk": ">= 1", "image_size": ">= 1", "demos_per_task": ">= 1", "demo_noise": ">= 0",
     "workers": ">= 0", "steps": ">= 1", "batch": ">= 1", "lr": ">= 0", "weight_decay": ">= 0", "warmup": ">= 0",
@@ -155,6 +218,8 @@ FLAG_RANGES = {
     "threads": ">= 0", "loader_workers": ">= -1", "ckpt_every": ">= 1", "log_every": ">= 1",
     "eval_episodes": "0..1000", "eval_seed": "0..999",  # evaluate.eval_seeds: 1000 seeds per evaluation seed
     "max_steps": ">= 1", "data_weights": "> 0", "keep_ckpts": ">= 0", "grad_accum": ">= 1",
+    "head_width": ">= 1", "head_layers": ">= 1", "head_heads": ">= 1", "gripper_loss_weight": ">= 0",
+    "flow_steps": ">= 1", "n_bins": ">= 2", "expert_width": ">= 0", "resampler": ">= 1",
 }
 
 
@@ -198,7 +263,7 @@ def build_dataset(args):
                                     args.cache_dir, workers=args.workers or None,  # renders both cameras
                                     noise=args.demo_noise)
     return data.HDF5Dataset(paths, args.window, args.chunk, views=tuple(args.views), image_size=args.image_size,
-                            key="metaworld")
+                            key="metaworld", norm_mode=args.action_norm)
 
 
 def build_data_mixture(args):
@@ -207,7 +272,8 @@ def build_data_mixture(args):
     w = args.data_weights or [1.0] * len(args.data)
     if len(w) != len(args.data):
         raise SystemExit(f"--data-weights has {len(w)} values for {len(args.data)} --data paths: give one each")
-    kw = dict(window=args.window, chunk=args.chunk, views=tuple(args.views), image_size=args.image_size)
+    kw = dict(window=args.window, chunk=args.chunk, views=tuple(args.views), image_size=args.image_size,
+              norm_mode=args.action_norm)
     cams = getattr(args, "cameras", None) or ["auto"] * len(args.data)
     if len(cams) != len(args.data):
         raise SystemExit(f"--cameras has {len(cams)} values for {len(args.data)} --data paths: give one each (auto)")
@@ -247,17 +313,22 @@ def head_preset(flag, backbone):
     return "paper" if os.path.isdir(os.path.expanduser(backbone)) else "tiny"
 
 
+def model_config(args):
+    """VLAConfig from the flags (every model flag has the metaworld preset's value unless given; the head sizes
+    come from --head-size's preset, see fill_head_sizes)."""
+    return vla.VLAConfig(
+        formulation=args.formulation, backbone=args.backbone, head=args.head, window=args.window, chunk=args.chunk,
+        action_loss=args.action_loss, lam=args.gripper_loss_weight, moe=args.moe, views=tuple(args.views),
+        image_size=args.image_size, train_vision=args.train_vision, train_language=args.train_language,
+        train_embeddings=args.train_embeddings, head_width=args.head_width, head_layers=args.head_layers,
+        head_heads=args.head_heads, head_mlp=tuple(args.head_mlp), expert_width=args.expert_width,
+        flow_steps=args.flow_steps, n_bins=args.n_bins, shift_aug=args.shift_aug, action_norm=args.action_norm,
+        attention=args.attention,
+        backbone_kwargs={"resampler": args.resampler} if args.resampler else {})
+
+
 def build_model(args):
-    """VLAConfig from the flags. The preset only decides the head's sizes (and window/chunk/image size defaults,
-    which the flags always override): the paper's for a pretrained backbone folder, the CPU ones for tiny."""
-    preset = vla.VLAConfig.paper if head_preset(getattr(args, "head_size", "auto"), args.backbone) == "paper" \
-        else vla.VLAConfig.tiny
-    config = preset(formulation=args.formulation, backbone=args.backbone, head=args.head,
-                    window=args.window, chunk=args.chunk, action_loss=args.action_loss,
-                    views=tuple(args.views), image_size=args.image_size,
-                    moe=getattr(args, "moe", False), shift_aug=getattr(args, "shift_aug", True),
-                    attention=getattr(args, "attention", "auto"))
-    return vla.VLA(config)
+    return vla.VLA(model_config(args))
 
 
 def lr_at(step, base_lr, warmup):
@@ -268,20 +339,6 @@ def lr_at(step, base_lr, warmup):
 # -----------------------------------------------------------------------------------------------------------
 # scale-out: torchrun (DDP / FSDP), the global-batch sampler, activation checkpointing
 # -----------------------------------------------------------------------------------------------------------
-
-def setup_distributed(device_flag="auto"):
-    """-> (rank, world, device). Under torchrun (WORLD_SIZE > 1) joins the process group: nccl on GPU, gloo
-    on CPU (so every multi-process path is testable on a laptop). One process per GPU (LOCAL_RANK)."""
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag.startswith("cuda")
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if cuda and world > 1 else
-                          ("cuda" if cuda else "cpu") if device_flag == "auto" else device_flag)
-    if world > 1 and not torch.distributed.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
 
 def barrier(world):
     if world > 1:
@@ -866,7 +923,7 @@ def main(argv=None):
                                      "files with --eval-episodes 0 renders nothing)")
         except RuntimeError as e:
             raise SystemExit(f"error: {e}") from None
-    rank, world, device = setup_distributed(args.device)  # torchrun: one process per GPU / CPU slot
+    rank, world, device = evaluate.init_distributed(args.device)  # torchrun: one process per GPU / CPU slot
     if rank != 0:  # only rank 0 talks
         sys.stdout = open(os.devnull, "w")
     print("train.py configuration (every flag, `python train.py -h` for help):")
@@ -963,8 +1020,8 @@ def reproduce_flags(args):
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):  # store_true flags default to False; --shift-aug/--no-shift-aug defaults to True
             out.append(flag if v else "--no-" + flag[2:])
-        elif isinstance(v, list):  # --tasks/--views are comma-separated, --data/--data-weights space-separated
-            out.append(f"{flag} {(',' if k in ('tasks', 'views') else ' ').join(map(str, v))}")
+        elif isinstance(v, list):  # --tasks/--views/--head-mlp comma-separated, --data/--data-weights space
+            out.append(f"{flag} {(',' if k in ('tasks', 'views', 'head_mlp') else ' ').join(map(str, v))}")
         else:
             out.append(f"{flag} {v}")
     return " ".join(out)
@@ -974,4 +1031,4 @@ if __name__ == "__main__":
     try:
         main()
     finally:
-        evaluate._end_distributed()  # under torchrun: leave the process group (gloo threads abort at exit)
+        evaluate.end_distributed()  # under torchrun: leave the process group (gloo threads abort at exit)

@@ -1,234 +1,37 @@
-"""The VLA: action arithmetic, the four formulations around a VLM, losses, and the closed-loop Policy.
+"""The VLA: the four formulations of §III-C around a VLM, the closed-loop Policy, checkpoints.
 
-Read top to bottom:
-  1. action math (pure functions): statistics, normalization eq. (5)-(6), the discrete action tokenizer
-     (§III-B-1), the losses eq. (7)-(8), and the execution strategies of Table II (Chunk / First / Ensemble).
-  2. the VLA itself (formulations of §III-C), the Policy used by every environment, checkpoints.
+Stands on: backbones.py (the VLMs), data.py (image preprocessing, action statistics and normalization eq. (5)-(6)),
+heads.py (policy heads, the action expert, the losses eq. (7)-(8)). Offers, top to bottom:
+  1. the discrete action tokenizer (§III-B-1) and 2. the execution strategies of Table II (Chunk / First /
+     Ensemble), pure action math;
+  3. VLAConfig (presets tiny / metaworld / paper), the VLA itself, how each formulation predicts, the Policy used
+     by every environment, and checkpoints (save_checkpoint / load_checkpoint).
 
 Notation follows the paper: H = history window (frames), L = action chunk length, actions are 7-d
 [dx, dy, dz, droll, dpitch, dyaw, gripper] with the gripper canonically +1 = open, -1 = closed (CALVIN's
 convention). Note the official code calls H `window_size` and L `fwd_pred_next_n`.
 """
 
+import collections
+import dataclasses
+import hashlib
+import json
 import math
+import os
+import shutil
+import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.nn as nn
 
-ACTION_DIM = 7  # 6 pose dims + 1 binary gripper
-POSE_DIM = 6
-
-# -----------------------------------------------------------------------------------------------------------
-# 1. Action statistics
-# -----------------------------------------------------------------------------------------------------------
-
-# Above this many rows, quantiles come from a streaming histogram instead of an exact sort (see below).
-EXACT_QUANTILE_MAX_ROWS = 500_000
-HIST_BINS = 8192  # histogram resolution: quantile error <= (max - min) / 8192 ~ 1.2e-4 of the range
-STATS_CHUNK_ROWS = 262_144  # rows processed at a time in the streaming path
-
-
-# Implausible actions (a corrupt value such as 1e30 in a small dataset moves q99 to ~1e29 and with it the whole
-# normalization): a pose value farther than OUTLIER_FACTOR x the robust spread (q90 - q10 of its dimension) from
-# the dimension's median is refused. q10/q90 stay put unless > 10% of the rows are corrupt; a legit action 100x
-# the central 80% spread away from the median does not occur in CALVIN, Meta-World or teleoperation deltas.
-OUTLIER_FACTOR = 100.0
-OUTLIER_SAMPLE_ROWS = 200_000  # robust quantiles of big datasets come from an evenly strided sample of rows
-
-
-def find_implausible_actions(actions, factor=None):
-    """-> [(row, dim, value, (low, high))] of pose values (dims 0-5) outside median +- factor x (q90 - q10), at
-    most the first 1000 (enough to name them; a dataset with more is broken as a whole).
-
-    A dimension whose q10 == q90 (constant for most rows, e.g. an unused rotation) borrows the largest spread of
-    the other pose dims; if every pose dim is constant nothing is flagged. The gripper (dim 6) is binarized by
-    normalize_action and is never checked. actions: (N, D) array-like (np.memmap, h5py datasets work)."""
-    factor = OUTLIER_FACTOR if factor is None else factor
-    n, d = actions.shape
-    p = min(d, POSE_DIM)
-    step = max(1, n // OUTLIER_SAMPLE_ROWS)
-    sample = np.asarray(actions[::step], dtype=np.float64)[:, :p]  # (<= ~2 x OUTLIER_SAMPLE_ROWS, p)
-    med = np.median(sample, 0)
-    spread = np.quantile(sample, 0.9, 0) - np.quantile(sample, 0.1, 0)  # (p,)
-    if not (spread > DEGENERATE_RANGE).any():
-        return []
-    spread = np.where(spread > DEGENERATE_RANGE, spread, spread.max())
-    limit = factor * spread
-    out = []
-    for i in range(0, n, STATS_CHUNK_ROWS):
-        c = np.asarray(actions[i:i + STATS_CHUNK_ROWS], dtype=np.float64)[:, :p]
-        for r, j in np.argwhere(np.abs(c - med) > limit)[:1000 - len(out)]:
-            out.append((i + int(r), int(j), float(c[r, j]), (float(med[j] - limit[j]), float(med[j] + limit[j]))))
-        if len(out) >= 1000:
-            break
-    return out
-
-
-def compute_action_stats(actions, where=None):
-    """Per-dimension statistics of an action array (N, D), D is usually 7.
-
-    Refuses non-finite actions and implausible ones (find_implausible_actions: farther than OUTLIER_FACTOR x the
-    robust spread from the median); where(row) -> str names a row in the error (default "action row {row}";
-    the data readers pass the file, episode and frame).
-
-    Returns {"q01", "q99", "mean", "std", "min", "max"}: each a list of D floats, plus "count".
-    Quantiles are exact (numpy's linear interpolation) for N <= EXACT_QUANTILE_MAX_ROWS. Above that, two
-    streaming passes over row chunks (works on np.memmap / h5py datasets too, no sorted copy is ever held):
-    pass 1 gets min/max/mean/std in float64, pass 2 fills a HIST_BINS-bin histogram per dimension between
-    min and max and reads the 1% / 99% quantiles off the cumulative counts with linear interpolation inside
-    the bin. The error is below one bin width, i.e. < 1.3e-4 x (max - min), well inside 1e-3 of the range.
-    """
-    if len(getattr(actions, "shape", ())) != 2:
-        raise ValueError(f"compute_action_stats expects actions of shape (N, D), got shape "
-                         f"{getattr(actions, 'shape', None)}; stack your episodes' actions first")
-    n, d = actions.shape
-    if n == 0:
-        raise ValueError("compute_action_stats got 0 actions: the dataset is empty (check its path and filters)")
-
-    where = where or (lambda row: f"action row {row}")
-
-    def chunks():
-        for i in range(0, n, STATS_CHUNK_ROWS):
-            c = np.asarray(actions[i:i + STATS_CHUNK_ROWS], dtype=np.float64)
-            if not np.isfinite(c).all():
-                row, dim = np.argwhere(~np.isfinite(c))[0]
-                raise ValueError(f"{where(i + int(row))}, dim {dim} is {c[row, dim]}: statistics need finite "
-                                 f"actions; fix or drop the episode that contains it")
-            yield c
-
-    # pass 1: moments and range (float64 sums are accurate enough for millions of rows)
-    s, s2 = np.zeros(d), np.zeros(d)
-    lo, hi = np.full(d, np.inf), np.full(d, -np.inf)
-    for c in chunks():
-        s += c.sum(0)
-        s2 += (c * c).sum(0)
-        lo, hi = np.minimum(lo, c.min(0)), np.maximum(hi, c.max(0))
-    mean = s / n
-    std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
-    bad = find_implausible_actions(actions)
-    if bad:
-        row, dim, value, (lo_ok, hi_ok) = bad[0]
-        n_bad = f"{len(bad)}{'+' if len(bad) >= 1000 else ''}"
-        raise ValueError(f"{where(row)}, dim {dim} (0-5 pose) is {value:.6g}, implausibly far from the other "
-                         f"actions (this dimension's plausible range is [{lo_ok:.4g}, {hi_ok:.4g}]: median +- "
-                         f"{OUTLIER_FACTOR:g} x its q10-q90 spread); {n_bad} value(s) flagged. It would move the "
-                         f"q01/q99 normalization bounds: fix or drop that episode (or set vla.OUTLIER_FACTOR)")
-
-    if n <= EXACT_QUANTILE_MAX_ROWS:
-        a = np.asarray(actions[:], dtype=np.float64)
-        q01, q99 = np.quantile(a, 0.01, axis=0), np.quantile(a, 0.99, axis=0)
-    else:
-        # pass 2: per-dimension histograms between min and max
-        width = np.where(hi > lo, (hi - lo) / HIST_BINS, 1.0)
-        counts = np.zeros((d, HIST_BINS), dtype=np.int64)
-        for c in chunks():
-            idx = np.clip(((c - lo) / width).astype(np.int64), 0, HIST_BINS - 1)  # (n_chunk, d)
-            for j in range(d):
-                counts[j] += np.bincount(idx[:, j], minlength=HIST_BINS)
-        q01, q99 = np.empty(d), np.empty(d)
-        for j in range(d):
-            cdf = np.cumsum(counts[j])
-            for q, out in ((0.01, q01), (0.99, q99)):
-                target = q * (n - 1) + 1  # rank (1-based) of the sample at quantile q
-                b = int(np.searchsorted(cdf, target))  # first bin whose cumulative count reaches it
-                below = cdf[b - 1] if b > 0 else 0
-                frac = (target - below) / max(counts[j, b], 1)  # position inside the bin
-                out[j] = lo[j] + (b + min(frac, 1.0)) * width[j] if hi[j] > lo[j] else lo[j]
-    return {"q01": q01.tolist(), "q99": q99.tolist(), "mean": mean.tolist(), "std": std.tolist(),
-            "min": lo.tolist(), "max": hi.tolist(), "count": int(n)}
-
+import backbones
+import data
+import heads
+from data import ACTION_DIM, OFFICIAL_BOUND, check_finite_actions, unnormalize_action
 
 # -----------------------------------------------------------------------------------------------------------
-# 2. Normalization, eq. (5)-(6)
-# -----------------------------------------------------------------------------------------------------------
-
-GRIPPER_THRESHOLD = 0.5  # raw gripper > 0.5 means open: maps {0, 1} and {-1, 1} alike onto {-1, +1}
-OFFICIAL_BOUND = 0.65  # official CALVIN configs: norm_min -0.65, norm_max 0.65 (clip, then divide by 0.65)
-DEGENERATE_RANGE = 1e-8  # q99 - q01 below this: the dimension is constant, normalize it to 0
-
-
-def _check_finite(a, what):
-    bad = ~torch.isfinite(a) if torch.is_tensor(a) else ~np.isfinite(a)
-    if bad.any():
-        dims = sorted({int(i) for i in (bad.nonzero()[:, -1] if torch.is_tensor(a) else np.nonzero(bad)[-1])})
-        raise ValueError(f"{what}: found NaN/inf in action dim(s) {dims} (0-5 pose, 6 gripper); "
-                         f"check the data source or the model output for that dimension")
-
-
-def _bounds(a, stats, mode, bound):
-    """Per-dim (low, high) of the 6 pose dims, as arrays/tensors matching `a`."""
-    if mode == "quantile":
-        for key in ("q01", "q99"):
-            if key not in stats:
-                raise KeyError(f"action statistics lack '{key}' (have {sorted(stats)}); "
-                               f"recompute them with compute_action_stats")
-        lo, hi = stats["q01"][:POSE_DIM], stats["q99"][:POSE_DIM]
-    elif mode == "bounds":
-        lo, hi = [-bound] * POSE_DIM, [bound] * POSE_DIM
-    else:
-        raise ValueError(f"normalization mode must be 'quantile' (eq. 5-6, q01/q99) or 'bounds' "
-                         f"(official fixed ±{OFFICIAL_BOUND}), got {mode!r}")
-    if torch.is_tensor(a):
-        return (torch.tensor(lo, dtype=a.dtype, device=a.device), torch.tensor(hi, dtype=a.dtype, device=a.device))
-    return np.asarray(lo, dtype=a.dtype), np.asarray(hi, dtype=a.dtype)
-
-
-def _as_float(a):
-    if torch.is_tensor(a):
-        return a if a.is_floating_point() else a.float()
-    a = np.asarray(a)
-    return a if np.issubdtype(a.dtype, np.floating) else a.astype(np.float32)
-
-
-def normalize_action(a, stats, mode="quantile", bound=OFFICIAL_BOUND):
-    """Raw actions (..., 7) -> normalized actions in [-1, 1] (numpy or torch, any leading shape).
-
-    Pose dims 0-5, eq. (5)-(6): clamp to [q01, q99], then map linearly onto [-1, 1]. A dim whose q01 == q99 is
-    constant in the data and maps to 0 (no division by zero). mode="bounds" is the official code's variant:
-    clamp to ±bound and divide by bound.
-    Gripper dim 6 is binary and never quantile-scaled: raw > 0.5 -> +1 (open), else -1 (closed), which is
-    correct for both {0, 1} and {-1, +1} conventions.
-    """
-    a = _as_float(a)
-    if a.shape[-1] != ACTION_DIM:
-        raise ValueError(f"expected actions with last dim {ACTION_DIM}, got shape {tuple(a.shape)}")
-    _check_finite(a, "normalize_action")
-    lo, hi = _bounds(a, stats, mode, bound)
-    lib = torch if torch.is_tensor(a) else np
-    span = hi - lo
-    ok = span > DEGENERATE_RANGE
-    safe = lib.where(ok, span, lib.ones_like(span))
-    pose = lib.minimum(lib.maximum(a[..., :POSE_DIM], lo), hi)  # clamp, eq. (5)
-    pose = lib.where(ok, 2 * (pose - lo) / safe - 1, lib.zeros_like(pose))  # eq. (6)
-    grip = lib.where(a[..., POSE_DIM:] > GRIPPER_THRESHOLD, 1.0, -1.0)
-    if torch.is_tensor(a):
-        return torch.cat([pose, grip.to(a.dtype)], -1)
-    return np.concatenate([pose, grip.astype(a.dtype)], -1)
-
-
-def unnormalize_action(a, stats, mode="quantile", bound=OFFICIAL_BOUND):
-    """Inverse of normalize_action: normalized (..., 7) -> the dataset's own units.
-
-    Pose values outside [-1, 1] are clamped first (the model's tanh head stays inside anyway). A constant
-    dim returns its q01. The gripper becomes exactly +1 (g > 0, open) or -1 (closed).
-    """
-    a = _as_float(a)
-    if a.shape[-1] != ACTION_DIM:
-        raise ValueError(f"expected actions with last dim {ACTION_DIM}, got shape {tuple(a.shape)}")
-    _check_finite(a, "unnormalize_action")
-    lo, hi = _bounds(a, stats, mode, bound)
-    lib = torch if torch.is_tensor(a) else np
-    pose = lib.minimum(lib.maximum(a[..., :POSE_DIM], -lib.ones_like(lo)), lib.ones_like(hi))
-    pose = (pose + 1) / 2 * (hi - lo) + lo
-    grip = lib.where(a[..., POSE_DIM:] > 0, 1.0, -1.0)
-    if torch.is_tensor(a):
-        return torch.cat([pose, grip.to(a.dtype)], -1)
-    return np.concatenate([pose, grip.astype(a.dtype)], -1)
-
-
-# -----------------------------------------------------------------------------------------------------------
-# 3. Discrete actions (§III-B-1, following RT-2 / OpenVLA)
+# 1. Discrete actions (§III-B-1, following RT-2 / OpenVLA)
 # -----------------------------------------------------------------------------------------------------------
 
 class ActionTokenizer:
@@ -253,7 +56,7 @@ class ActionTokenizer:
 
     def encode(self, a):
         """Normalized actions (...) in [-1, 1] (values outside are clipped) -> ids (...) int64."""
-        _check_finite(a, "ActionTokenizer.encode")
+        check_finite_actions(a, "ActionTokenizer.encode")
         if torch.is_tensor(a):
             b = ((a.float().clamp(-1, 1) + 1) / self.bin_width).floor().long().clamp(0, self.n_bins - 1)
             return b + self.id_min
@@ -274,52 +77,13 @@ class ActionTokenizer:
         return (ids >= self.id_min) & (ids <= self.id_max)
 
 
-# -----------------------------------------------------------------------------------------------------------
-# 4. Losses, eq. (7) (continuous) and eq. (8) (discrete)
-# -----------------------------------------------------------------------------------------------------------
-
-def continuous_action_loss(pred_pose, pred_gripper_logit, target, mask, lam=0.01, kind="huber"):
-    """eq. (7): regression on the 6 pose dims + lam * BCE on the gripper, averaged over valid entries.
-
-    pred_pose (..., 6), pred_gripper_logit (...), target (..., 7) normalized with gripper ±1, mask (...) bool
-    (False where a chunk runs past the end of its segment). The paper's text uses MSE; the official code uses
-    Huber (delta = 1) and lam = 0.01 (arm_gripper_loss_ratio), our defaults.
-    Returns (loss, metrics) with metrics loss_pose, loss_gripper, acc_gripper as floats.
-    """
-    if pred_pose.shape[-1] != POSE_DIM or target.shape[-1] != ACTION_DIM:
-        raise ValueError(f"expected pred_pose (..., 6) and target (..., 7), got {tuple(pred_pose.shape)} "
-                         f"and {tuple(target.shape)}")
-    m = mask.to(pred_pose.dtype)  # (...)
-    n = m.sum().clamp(min=1)
-    if kind == "huber":
-        pose_err = F.huber_loss(pred_pose, target[..., :POSE_DIM], reduction="none", delta=1.0)
-    elif kind == "mse":
-        pose_err = F.mse_loss(pred_pose, target[..., :POSE_DIM], reduction="none")
-    else:
-        raise ValueError(f"loss kind must be 'huber' or 'mse', got {kind!r}")
-    loss_pose = (pose_err.mean(-1) * m).sum() / n  # mean over the 6 dims, masked mean over entries
-    label = (target[..., POSE_DIM] > 0).to(pred_gripper_logit.dtype)  # BCE labels: 1 = open, 0 = closed
-    bce = F.binary_cross_entropy_with_logits(pred_gripper_logit, label, reduction="none")
-    loss_grip = (bce * m).sum() / n
-    acc = (((pred_gripper_logit > 0).to(m.dtype) == label).to(m.dtype) * m).sum() / n
-    loss = loss_pose + lam * loss_grip
-    return loss, {"loss_pose": loss_pose.item(), "loss_gripper": loss_grip.item(), "acc_gripper": acc.item()}
-
-
-def discrete_action_loss(logits, target_ids, mask):
-    """eq. (8): cross-entropy over action tokens only. logits (..., V), target_ids (...), mask (...) bool."""
-    m = mask.to(logits.dtype)
-    n = m.sum().clamp(min=1)
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target_ids.reshape(-1).long(),
-                         reduction="none").view(target_ids.shape)
-    loss = (ce * m).sum() / n
-    acc = ((logits.argmax(-1) == target_ids).to(m.dtype) * m).sum() / n
-    return loss, {"loss_tokens": loss.item(), "acc_tokens": acc.item()}
-
 
 # -----------------------------------------------------------------------------------------------------------
-# 5. Execution strategies for a stream of predicted chunks (Table II: Chunk / First / Ensemble)
+# 2. Execution strategies for a stream of predicted chunks (Table II: Chunk / First / Ensemble)
 # -----------------------------------------------------------------------------------------------------------
+
+EXECUTIONS = ("chunk", "first", "ensemble")  # Table II's execution strategies, ActionExecutor's modes
+
 
 def ensemble_weights(n, k=0.01):
     """ACT temporal-ensemble weights for n stored predictions of one step, oldest first: w_i = exp(-k i) / sum."""
@@ -338,7 +102,7 @@ class ActionExecutor:
     """
 
     def __init__(self, mode="chunk", n_exec=None, k=0.01):
-        if mode not in ("chunk", "first", "ensemble"):
+        if mode not in EXECUTIONS:
             raise ValueError(f"execution mode must be 'chunk', 'first' or 'ensemble', got {mode!r}")
         if n_exec is not None and n_exec < 1:
             raise ValueError(f"n_exec must be >= 1, got {n_exec}")
@@ -373,7 +137,7 @@ class ActionExecutor:
             action = self.queue.pop(0)
         else:
             # predictions for the current step, oldest chunk first
-            preds = [c[self.t - s] for s, c in self.chunks if 0 <= self.t - s < len(c)]
+            preds = [ch[self.t - s] for s, ch in self.chunks if 0 <= self.t - s < len(ch)]
             if not preds:
                 raise RuntimeError(f"no stored chunk covers step {self.t}: call add_chunk first")
             if self.mode == "first":
@@ -382,31 +146,19 @@ class ActionExecutor:
                 w = ensemble_weights(len(preds), self.k)
                 action = (w[:, None] * np.stack(preds)).sum(0)
             # forget chunks that end at this step
-            self.chunks = [(s, c) for s, c in self.chunks if self.t + 1 - s < len(c)]
+            self.chunks = [(s, ch) for s, ch in self.chunks if self.t + 1 - s < len(ch)]
         self.t += 1
         return np.asarray(action, dtype=np.float32)
 
 
-# ---- the VLA ----
-# (model part: configuration, the four formulations of §III-C, the closed-loop Policy, checkpoints)
-# heads.py, backbones.py and data.py import from the action math above; importing them as modules here (and
-# using their names at call time) keeps the import order free of cycles.
+# -----------------------------------------------------------------------------------------------------------
+# 3. The VLA (configuration, the four formulations of §III-C, the closed-loop Policy, checkpoints)
+# -----------------------------------------------------------------------------------------------------------
 
-import collections
-import dataclasses
-import hashlib
-import json
-import os
-import shutil
-import warnings
-
-import torch.nn as nn
-
-import backbones
-import data
-import heads
-
-FORMULATIONS = ("one_step_discrete", "one_step_continuous", "interleaved", "policy_head")
+FORMULATIONS = ("one_step_discrete", "one_step_continuous", "interleaved", "policy_head")  # §III-C
+HEADS = heads.TRUNKS  # VLAConfig.head: the policy head's trunk
+ACTION_LOSSES = ("huber", "mse", "flow")  # eq. (7) official / paper text, flow matching (Table II)
+ATTENTIONS = ("auto", "prefix", "causal")  # the LM's mask, see VLAConfig.attention
 
 
 @dataclasses.dataclass
@@ -434,7 +186,7 @@ class VLAConfig:
     flow_steps: int = 10  # Euler steps at inference (pi0)
     n_bins: int = 256  # discrete action bins (§III-B-1)
     shift_aug: bool = True  # official random-shift augmentation in training
-    action_norm: str = "quantile"  # how the training data was normalized ("quantile" | "bounds")
+    action_norm: str = "quantile"  # how the training data was normalized (data.ACTION_NORMS)
     norm_bound: float = OFFICIAL_BOUND
     # LM attention: "auto" = as the backbone was pretrained (PaliGemma: prefix-LM, i.e. [BOS], images and prompt
     # see each other, what follows is causal; transformers' token_type_ids, pi0; every other family: causal),
@@ -453,6 +205,12 @@ class VLAConfig:
         if overrides.get("formulation", "").startswith("one_step"):
             base["window"] = 1
         return cls(**{**base, **overrides})
+
+    @classmethod
+    def metaworld(cls, **overrides):
+        """The main job's preset (`python train.py` with no flags): the tiny model on Meta-World's 64x64 renders,
+        a history of H=2 frames and chunks of L=8 actions, whatever the formulation."""
+        return cls.tiny(**{"window": 2, "chunk": 8, "image_size": 64, **overrides})
 
     @classmethod
     def paper(cls, backbone, **overrides):
@@ -502,9 +260,9 @@ class VLAConfig:
             raise ValueError(f"invalid VLAConfig: {msg}")
         if self.formulation not in FORMULATIONS:
             bad(f"formulation must be one of {FORMULATIONS}, got {self.formulation!r}")
-        if self.head not in ("mlp", "lstm", "gpt"):
+        if self.head not in HEADS:
             bad(f"head must be 'mlp', 'lstm' or 'gpt', got {self.head!r}")
-        if self.action_loss not in ("huber", "mse", "flow"):
+        if self.action_loss not in ACTION_LOSSES:
             bad(f"action_loss must be 'huber', 'mse' or 'flow', got {self.action_loss!r}")
         if self.window < 1 or self.chunk < 1:
             bad(f"window (H) and chunk (L) must be >= 1, got H={self.window}, L={self.chunk}")
@@ -516,7 +274,7 @@ class VLAConfig:
                 f"got {self.formulation}")
         if not self.views:
             bad("views must name at least one camera, e.g. ('static', 'wrist')")
-        if self.attention not in ("auto", "prefix", "causal"):
+        if self.attention not in ATTENTIONS:
             bad(f"attention must be 'auto' (the backbone's own: prefix-LM for PaliGemma), 'prefix' or 'causal', "
                 f"got {self.attention!r}")
         if len(set(self.views)) != len(self.views):
@@ -528,7 +286,7 @@ class VLAConfig:
             bad(f"n_bins must be >= 2, got {self.n_bins}")
         if not (self.lam >= 0 and math.isfinite(self.lam)):
             bad(f"lam (gripper loss weight) must be a finite number >= 0, got {self.lam}")
-        if self.action_norm not in ("quantile", "bounds"):
+        if self.action_norm not in data.ACTION_NORMS:
             bad(f"action_norm must be 'quantile' or 'bounds', got {self.action_norm!r}")
         if not (self.norm_bound > 0 and math.isfinite(self.norm_bound)):
             bad(f"norm_bound must be a finite number > 0, got {self.norm_bound}")
@@ -644,9 +402,9 @@ class VLA(nn.Module):
             x = torch.stack([data.random_shift(x[:, i], round(data.SHIFT_PAD.get(v, 0) * c.image_size / 224))
                              for i, v in enumerate(c.views)], 1)
         N, V = x.shape[:2]
-        tok = bb.encode_images(x.flatten(0, 1))  # (N * V, T_img, d)
-        tok = tok.view(N, V, *tok.shape[1:])[:, self.view_order]
-        return tok.flatten(1, 2)  # (N, V * T_img, d)
+        img_tok = bb.encode_images(x.flatten(0, 1))  # (N * V, T_img, d)
+        img_tok = img_tok.view(N, V, *img_tok.shape[1:])[:, self.view_order]
+        return img_tok.flatten(1, 2)  # (N, V * T_img, d)
 
     def sequences(self, img_tok, tails):
         """Build [BOS] [image tokens] [tail] per row, padded at the end.
@@ -742,27 +500,27 @@ class VLA(nn.Module):
         """Independent per-frame passes (policy_head, one_step_continuous; eq. 10, 14).
         images uint8 (B, H, V, 3, S, S), instructions (B) -> [LRN] last-layer hidden states (B, H, d)."""
         B, H = images.shape[:2]
-        tok = self.image_tokens(images.flatten(0, 1))  # (B*H, V*T_img, d)
+        img_tok = self.image_tokens(images.flatten(0, 1))  # (B*H, V*T_img, d)
         instructions = [instructions[b] for b in range(B) for _ in range(H)]
         tails = [self.lrn_tail(s) for s in instructions]
-        x, valid, is_lrn, _ = self.sequences(tok, tails)
+        x, valid, is_lrn, _ = self.sequences(img_tok, tails)
         mask = self.prefix_mask(valid, self.n_prefix(x, tails, instructions))
-        hidden, _ = self.backbone(x, self.positions(x), media=self.media(tok), **self._mask_kw(mask))  # (B*H, T, d)
+        hidden, _ = self.backbone(x, self.positions(x), media=self.media(img_tok), **self._mask_kw(mask))  # (B*H, T, d)
         return hidden[is_lrn].view(B, H, -1)
 
     def interleaved_features(self, images, instructions):
         """One causal sequence of H segments per sample (eq. 12-13) -> every [LRN]_t's hidden state (B, H, d)."""
         B, H = images.shape[:2]
-        tok = self.image_tokens(images.flatten(0, 1))  # (B*H, V*T_img, d)
-        return self.interleaved_from_tokens(tok.view(B, H, *tok.shape[1:]), instructions)
+        img_tok = self.image_tokens(images.flatten(0, 1))  # (B*H, V*T_img, d)
+        return self.interleaved_from_tokens(img_tok.view(B, H, *img_tok.shape[1:]), instructions)
 
-    def interleaved_from_tokens(self, tok, instructions):
-        """interleaved_features from image tokens already encoded, tok (B, H, V*T_img, d). The vision tower sees
+    def interleaved_from_tokens(self, img_tok, instructions):
+        """interleaved_features from image tokens already encoded, img_tok (B, H, V*T_img, d). The vision tower sees
         each frame alone, so tokens encoded one frame at a time (Policy caches them) give the same result."""
-        B, H = tok.shape[:2]
-        tok = tok.flatten(0, 1)  # (B*H, V*T_img, d)
+        B, H = img_tok.shape[:2]
+        img_tok = img_tok.flatten(0, 1)  # (B*H, V*T_img, d)
         tails = [self.lrn_tail(instructions[b]) for b in range(B) for _ in range(H)]
-        x, valid, is_lrn, _ = self.sequences(tok, tails)  # (B*H, n, d): one segment per row
+        x, valid, is_lrn, _ = self.sequences(img_tok, tails)  # (B*H, n, d): one segment per row
         n_pre = self.n_prefix(x, tails, [instructions[b] for b in range(B) for _ in range(H)]).view(B, H)[:, 0]
         x, valid, is_lrn = (t.reshape(B, H * t.shape[1], *t.shape[2:]) for t in (x, valid, is_lrn))
         valid, x, is_lrn = _pack(valid, x, is_lrn)  # segments back to back, padding at the end of each row
@@ -773,10 +531,10 @@ class VLA(nn.Module):
     def vl_prefix(self, images, instructions):
         """MoE: the vision-language prefix [BOS][images][text] of each frame through the plain VLM.
         images (N, V, 3, S, S) -> (hidden (N, T, d), per-layer cache, valid (N, T), action positions (N, L))."""
-        tok = self.image_tokens(images)
-        x, valid, _, _ = self.sequences(tok, [self.text_ids(s) for s in instructions])
+        img_tok = self.image_tokens(images)
+        x, valid, _, _ = self.sequences(img_tok, [self.text_ids(s) for s in instructions])
         mask = self.prefix_mask(valid, valid.sum(1))  # prefix-LM: the whole VL prefix is bidirectional (pi0)
-        hidden, cache = self.backbone(x, self.positions(x), media=self.media(tok), **self._mask_kw(mask))
+        hidden, cache = self.backbone(x, self.positions(x), media=self.media(img_tok), **self._mask_kw(mask))
         pos = valid.sum(1, keepdim=True) + torch.arange(self.config.chunk, device=x.device)  # after the prefix
         return hidden, cache, valid, pos
 
@@ -816,7 +574,7 @@ class VLA(nn.Module):
         B, H = images.shape[:2]
         instructions = [s for s in instructions for _ in range(H)]
         images, actions, mask, B = images.flatten(0, 1), actions.flatten(0, 1), mask.flatten(0, 1), B * H
-        tok = self.image_tokens(images)
+        img_tok = self.image_tokens(images)
         act_ids = self.action_tokenizer.encode(actions).flatten(1).tolist()  # (B, 7L)
         step_ok = mask.repeat_interleave(ACTION_DIM, 1).tolist()  # (B, 7L): masked steps are not targets
         eos = self.backbone.tokenizer.eos_id
@@ -825,7 +583,7 @@ class VLA(nn.Module):
             p = self.text_ids(instructions[b])
             tails.append(p + act_ids[b] + ([eos] if eos is not None else []))
             sup.append([False] * len(p) + step_ok[b] + ([True] if eos is not None else []))
-        x, valid, _, ids = self.sequences(tok, tails)
+        x, valid, _, ids = self.sequences(img_tok, tails)
         target = torch.zeros_like(valid)  # (B, T) True where the token is an action/EOS target
         T_pre = x.shape[1] - max(len(t) for t in tails)  # [BOS] + image tokens
         for b in range(B):
@@ -834,7 +592,7 @@ class VLA(nn.Module):
         hidden, _ = self.backbone(x, self.positions(x), **self._mask_kw(mask))
         logits = self.backbone.lm_logits(hidden)  # (B, T, vocab)
         # logits at position p predict the token at p + 1
-        return discrete_action_loss(logits[:, :-1], ids[:, 1:].clamp(min=0), target[:, 1:])
+        return heads.discrete_action_loss(logits[:, :-1], ids[:, 1:].clamp(min=0), target[:, 1:])
 
     # --- inference on whole windows (teacher forced; tests, offline evaluation) ---
 
@@ -858,8 +616,8 @@ class VLA(nn.Module):
     def decode_chunk(self, images, instruction):
         """one_step_discrete: greedy decoding of the whole chunk (7·L tokens) with a KV cache (the official
         code decodes one action only). images uint8 (1, V, 3, S, S) -> normalized chunk (1, L, 7)."""
-        tok = self.image_tokens(images)
-        x, valid, _, _ = self.sequences(tok, [self.text_ids(instruction)])
+        img_tok = self.image_tokens(images)
+        x, valid, _, _ = self.sequences(img_tok, [self.text_ids(instruction)])
         mask = self.prefix_mask(valid, valid.sum(1))  # the prompt is all prefix; decoded tokens are causal (cache)
         hidden, cache = self.backbone(x, self.positions(x), **self._mask_kw(mask))
         at, pos, out = self.action_tokenizer, x.shape[1], []
@@ -871,6 +629,43 @@ class VLA(nn.Module):
             pos += 1
         return at.decode(torch.cat(out, 1)).view(1, self.config.chunk, ACTION_DIM)
 
+    # --- closed loop: how each formulation predicts from the frames recorded so far (Policy asks here) ---
+
+    @torch.no_grad()
+    def record_frame(self, images, instruction, cache=True, kv_state=None):
+        """What the closed loop keeps of one new frame, images uint8 (1, V, 3, S, S), for predict_step:
+          cache=False or a one-step formulation: the frame itself;
+          policy_head:  its [LRN] feature (1, d) (per-frame passes are independent, so this is exact);
+          interleaved:  its image tokens (1, V*T_img, d) (the vision tower sees one frame at a time: exact);
+                        cache="approximate": the new [LRN] feature (1, d) of interleaved_step's KV cache, which
+                        lives in kv_state (a dict the caller keeps, {} after a reset)."""
+        c = self.config
+        if c.formulation == "interleaved" and cache == "approximate":
+            return self.interleaved_step(images, instruction, kv_state)
+        if not cache or c.formulation not in ("policy_head", "interleaved"):
+            return images
+        if c.formulation == "policy_head":
+            return self.frame_features(images[None], [instruction])[:, 0]
+        return self.image_tokens(images)
+
+    @torch.no_grad()
+    def predict_step(self, frames, instruction, cache=True, generator=None):
+        """The newest frame's normalized chunk (L, 7) from the last H frames recorded by record_frame (oldest
+        first, the same `cache`): equal to predict() over the raw frames (cache="approximate" aside)."""
+        c = self.config
+        if c.formulation not in ("policy_head", "interleaved"):  # one-step formulations: no history
+            return self.predict(frames[-1][None], [instruction], generator)[0, -1]
+        if c.formulation == "interleaved" and cache == "approximate":
+            feats = frames[-1][:, None]  # (1, 1, d)
+        elif c.formulation == "policy_head":
+            window = torch.stack(list(frames), 1)  # (1, h, d) features, or (1, h, V, 3, S, S) raw frames
+            feats = window if cache else self.frame_features(window, [instruction])  # (1, h, d)
+        else:
+            window = torch.stack(list(frames), 1)  # (1, h, V*T_img, d) image tokens, or raw frames
+            feats = (self.interleaved_from_tokens if cache else self.interleaved_features)(window, [instruction])
+            feats = feats[:, -1:]  # (1, 1, d): the newest [LRN] of a pass over the last H frames
+        return self.head.predict(feats, generator, c.flow_steps, last=True)[0, -1]
+
     @torch.no_grad()
     def interleaved_step(self, images, instruction, state):
         """APPROXIMATE streaming interleaved inference (Policy(cache="approximate")): append one segment
@@ -880,17 +675,16 @@ class VLA(nn.Module):
         Costs one frame's tokens. Exact (== a pass over the same frames, what training sees) only while at most
         H frames have been seen. Afterwards it is NOT the trained model: the kept frames' keys/values were
         computed while the evicted frames were still visible (training never shows a frame its predecessors
-        beyond the window), and the positions keep counting past anything seen in training. Measured on random
-        tiny models (H = 4, 100 steps): chunk differences of 0.09-0.6, also with RoPE, whose relative angles do not
-        remove the first effect. With absolute position embeddings (Kosmos-2's sinusoids) the positions
+        beyond the window), and the positions keep counting past anything seen in training; RoPE's relative
+        angles do not remove the first effect (docs/history.md has the measured error). With absolute position embeddings (Kosmos-2's sinusoids) the positions
         themselves leave the trained range, so this is refused there (see approximate_cache_error).
         -> the new [LRN]'s last-layer hidden state (1, d).
         """
         err = approximate_cache_error(self.backbone)
         if err:
             raise ValueError(err)
-        tok = self.image_tokens(images)
-        x, _, is_lrn, _ = self.sequences(tok, [self.lrn_tail(instruction)])
+        img_tok = self.image_tokens(images)
+        x, _, is_lrn, _ = self.sequences(img_tok, [self.lrn_tail(instruction)])
         n, cache, n_seg = x.shape[1], state.get("cache"), state.get("n_seg", 0)
         if cache is not None and n_seg >= self.config.window:
             cache = [(k[:, :, n:], v[:, :, n:]) for k, v in cache]  # evict the oldest segment
@@ -926,7 +720,7 @@ def approximate_cache_error(backbone):
         return (f"cache='approximate' is refused for this backbone ({getattr(backbone, 'family', 'absolute')}): "
                 f"its LM adds absolute position embeddings, and a streaming KV cache keeps counting positions "
                 f"past anything seen in training (tens of thousands over one CALVIN subtask), so the error is "
-                f"unbounded (~0.6 on a random tiny-kosmos2 within 100 steps); use cache=True (exact)")
+                f"unbounded; use cache=True (exact)")
     return ""
 
 
@@ -992,7 +786,9 @@ class Policy:
     obs: {"static": HxWx3 uint8, "wrist": HxWx3 uint8, ["state": ...]} (the cameras named in config.views).
     Returns the action (7,) float32 in the dataset's original units, gripper exactly ±1.
     The closed loop is the trained model: every step equals a fresh pass over the last H frames, as in
-    training (to float tolerance; tests/test_matrix.py checks it on every backbone). History caches:
+    training (to float tolerance; tests/test_matrix.py checks it on every backbone). The Policy only records
+    frames (self.history, what VLA.record_frame keeps of each) and asks VLA.predict_step for the chunk; the
+    VLA is the one place that knows how each formulation predicts. History caches:
       cache=True (default, exact):
         policy_head: the per-frame [LRN] features of the last H frames; a step runs the VLM on the new frame
                      only and the head over the cached features (exact: per-frame passes are independent).
@@ -1031,7 +827,7 @@ class Policy:
     @classmethod
     def from_pretrained(cls, run_dir, execution="chunk", dataset_key=None, device="cpu", verify=True, **kwargs):
         """Load a run directory (verified against its manifest.json, see load_checkpoint) as a Policy. Verifying
-        reads every file once more (sha256 ran at ~0.9 GiB/s here: ~7 s for a 6.6 GB Kosmos-2 run)."""
+        reads every file once more (seconds for a multi-GB run, docs/history.md)."""
         vla, stats, _ = load_checkpoint(run_dir, device, verify=verify)
         return cls(vla, stats, execution=execution, dataset_key=dataset_key, **kwargs)
 
@@ -1039,10 +835,8 @@ class Policy:
         self.executor.reset()
         self.generator.manual_seed(self.seed)
         self.instruction = None
-        self.frames = collections.deque(maxlen=self.config.window)  # raw frames (cache=False)
-        self.feats = collections.deque(maxlen=self.config.window)  # policy_head: [LRN] features (1, d)
-        self.tokens = collections.deque(maxlen=self.config.window)  # interleaved: image tokens (1, V*T_img, d)
-        self.state = {}  # interleaved, cache="approximate": KV cache
+        self.history = collections.deque(maxlen=self.config.window)  # VLA.record_frame of the last H frames
+        self.kv_state = {}  # interleaved, cache="approximate": the KV cache of VLA.interleaved_step
         self.last_chunk = None  # the latest normalized chunk (L, 7), for inspection
 
     def images(self, obs):
@@ -1076,30 +870,10 @@ class Policy:
             self.vla.check_context(instruction)  # once per instruction: refuse what does not fit the LM's context
             self.reset()
             self.instruction = instruction
-        vla, c = self.vla, self.config
+        vla = self.vla
         img = self.images(obs).to(vla.device)  # (1, V, 3, S, S)
-        if c.formulation == "policy_head":
-            if self.cache:
-                self.feats.append(vla.frame_features(img[None], [instruction])[:, 0])
-                feats = torch.stack(list(self.feats), 1) if need else None  # (1, h, d)
-            else:
-                self.frames.append(img)
-                feats = vla.frame_features(torch.stack(list(self.frames), 1), [instruction]) if need else None
-            out = vla.head.predict(feats, self.generator, c.flow_steps, last=True)[0, -1] if need else None
-        elif c.formulation == "interleaved":
-            if self.cache == "approximate":
-                feat = vla.interleaved_step(img, instruction, self.state)[:, None]  # (1, 1, d)
-            elif self.cache:
-                self.tokens.append(vla.image_tokens(img))  # (1, V*T_img, d), the new frame only
-                feat = vla.interleaved_from_tokens(torch.stack(list(self.tokens), 1), [instruction])[:, -1:] \
-                    if need else None  # (1, 1, d): the newest [LRN] of a pass over the last H frames
-            else:
-                self.frames.append(img)
-                feat = vla.interleaved_features(torch.stack(list(self.frames), 1), [instruction])[:, -1:] \
-                    if need else None
-            out = vla.head.predict(feat, self.generator, c.flow_steps, last=True)[0, -1] if need else None
-        else:  # one-step formulations: no history
-            out = vla.predict(img[None], [instruction], self.generator)[0, -1] if need else None
+        self.history.append(vla.record_frame(img, instruction, self.cache, self.kv_state))
+        out = vla.predict_step(self.history, instruction, self.cache, self.generator) if need else None
         if out is not None:
             self.last_chunk = out.float().cpu().numpy()
         return self.last_chunk if need else None
@@ -1271,7 +1045,7 @@ def check_action_stats(stats, where):
             if k not in st:
                 if k in ("q01", "q99"):
                     raise CheckpointError(f"{where}: dataset {key!r} lacks key {k!r} (has {sorted(st)}); recompute "
-                                          f"the statistics with vla.compute_action_stats")
+                                          f"the statistics with data.compute_action_stats")
                 continue
             v = st[k]
             if not (isinstance(v, list) and len(v) == ACTION_DIM
@@ -1279,7 +1053,7 @@ def check_action_stats(stats, where):
                 n = len(v) if isinstance(v, list) else type(v).__name__
                 raise CheckpointError(f"{where}: dataset {key!r} key {k!r} must be a list of {ACTION_DIM} numbers "
                                       f"(one per action dim), got {n}: {str(v)[:80]}; recompute the statistics "
-                                      f"with vla.compute_action_stats on the training actions (N, {ACTION_DIM})")
+                                      f"with data.compute_action_stats on the training actions (N, {ACTION_DIM})")
             bad = [i for i, x in enumerate(v) if not math.isfinite(x)]
             if bad:
                 raise CheckpointError(f"{where}: dataset {key!r} key {k!r} has NaN/inf in dim(s) {bad}: {v}; the "

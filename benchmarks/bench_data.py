@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
-from vla import normalize_action  # noqa: E402
+from data import normalize_action  # noqa: E402
 
 H, L, S = 16, 10, 224
 

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evaluate  # noqa: E402  (first: picks MUJOCO_GL)
 import train  # noqa: E402
+import data  # noqa: E402
 import vla  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def main():
         targs = train.parse_args([])
         torch.manual_seed(0)
         model = train.build_model(targs).eval()
-        stats = {"metaworld": vla.compute_action_stats(np.random.default_rng(0).uniform(-1, 1, (100, 7)))}
+        stats = {"metaworld": data.compute_action_stats(np.random.default_rng(0).uniform(-1, 1, (100, 7)))}
         policies = {ex: vla.Policy(model, stats, execution=ex) for ex in ("chunk", "first")}
     cfg = next(iter(policies.values())).config
     frames, instr = record_observations(args.steps, cfg.image_size)

@@ -1,13 +1,14 @@
-"""The action arithmetic of vla.py: statistics, normalization, tokenizer, losses, execution strategies."""
+"""The action arithmetic (data.py, heads.py, vla.py): statistics, normalization, tokenizer, losses, execution."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import vla
-from vla import (ActionExecutor, ActionTokenizer, compute_action_stats, continuous_action_loss,
-                 discrete_action_loss, normalize_action, unnormalize_action)
+import data
+from data import compute_action_stats, normalize_action, unnormalize_action
+from heads import continuous_action_loss, discrete_action_loss
+from vla import ActionExecutor, ActionTokenizer
 
 rng = np.random.default_rng(0)
 
@@ -37,8 +38,8 @@ def test_stats_exact_small():
 def test_stats_streaming_matches_exact(monkeypatch):
     # force the streaming histogram path on a moderately large array and compare with exact quantiles
     a = random_actions(300_000)
-    monkeypatch.setattr(vla, "EXACT_QUANTILE_MAX_ROWS", 1000)
-    monkeypatch.setattr(vla, "STATS_CHUNK_ROWS", 50_000)
+    monkeypatch.setattr(data, "EXACT_QUANTILE_MAX_ROWS", 1000)
+    monkeypatch.setattr(data, "STATS_CHUNK_ROWS", 50_000)
     s = compute_action_stats(a)
     rng_ = a.max(0) - a.min(0)
     for q, key in ((0.01, "q01"), (0.99, "q99")):

@@ -33,7 +33,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def stats():
-    return {"d": vla.compute_action_stats(np.random.default_rng(0).uniform(-1, 1, (100, 7)))}
+    return {"d": data.compute_action_stats(np.random.default_rng(0).uniform(-1, 1, (100, 7)))}
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +220,7 @@ def test_one_huge_action_is_flagged_with_episode_and_frame(tmp_path):
     a = np.random.default_rng(0).uniform(-1, 1, (60, 7))
     a[13, 4] = -1e30
     with pytest.raises(ValueError, match=r"action row 13, dim 4"):
-        vla.compute_action_stats(a)
+        data.compute_action_stats(a)
 
 
 def test_plausible_heavy_tails_and_constant_dims_pass():
@@ -228,8 +228,8 @@ def test_plausible_heavy_tails_and_constant_dims_pass():
     a = rng.standard_t(3, (5000, 7))  # heavy tails: a few values ~30 x the q10-q90 spread
     a[:, 3:6] = 0.0  # unused rotation dims
     a[100, 4] = 0.5  # a rare rotation in an otherwise constant dim: borrows the other dims' spread
-    assert vla.find_implausible_actions(a) == []
-    s = vla.compute_action_stats(a)
+    assert data.find_implausible_actions(a) == []
+    s = data.compute_action_stats(a)
     assert np.isfinite(s["q99"]).all()
 
 

@@ -375,14 +375,14 @@ def test_simpler_action_format():
 
 
 def test_q99_unnormalization_matches_official_formula():
-    """Policy.act unnormalizes with vla.unnormalize_action: on the official Bridge q01/q99 it must equal the
+    """Policy.act unnormalizes with data.unnormalize_action: on the official Bridge q01/q99 it must equal the
     RoboVLMs SimplerEnv wrapper's 0.5 (a + 1)(q99 - q01) + q01 on the pose dims."""
-    vla = pytest.importorskip("vla")
+    data = pytest.importorskip("data")
     q01 = [-0.02873, -0.04170, -0.02609, -0.08092, -0.09289, -0.20718, 0.0]
     q99 = [0.02831, 0.04086, 0.04016, 0.08192, 0.07793, 0.20383, 1.0]
     stats = {"q01": q01, "q99": q99, "mean": [0.0] * 7, "std": [1.0] * 7, "min": q01, "max": q99}
     a = np.random.default_rng(0).uniform(-1, 1, (20, 7))
-    out = vla.unnormalize_action(a, stats, mode="quantile")
+    out = data.unnormalize_action(a, stats, mode="quantile")
     np.testing.assert_allclose(out[:, :6], 0.5 * (a[:, :6] + 1) * (np.array(q99[:6]) - q01[:6]) + q01[:6], atol=1e-6)
     assert set(np.unique(out[:, 6])) <= {-1.0, 1.0}
 
@@ -575,9 +575,10 @@ def one_thread():
 def _tiny_checkpoint(path, views, key):
     torch = pytest.importorskip("torch")
     vla = pytest.importorskip("vla")
+    data = pytest.importorskip("data")
     torch.manual_seed(0)
     model = vla.VLA(vla.VLAConfig.tiny(image_size=32, window=2, chunk=2, views=views))
-    stats = vla.compute_action_stats(np.random.default_rng(0).uniform(-1, 1, (200, 7)).astype(np.float32))
+    stats = data.compute_action_stats(np.random.default_rng(0).uniform(-1, 1, (200, 7)).astype(np.float32))
     vla.save_checkpoint(path, model, {key: stats})
     return path
 

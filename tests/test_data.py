@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import data
-from vla import compute_action_stats, normalize_action
+from data import compute_action_stats, normalize_action
 
 REPO = Path(__file__).resolve().parents[1]
 H, L, S = 4, 3, 32  # window, chunk, image size used throughout

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import data
-from vla import compute_action_stats, normalize_action
+from data import compute_action_stats, normalize_action
 
 av = pytest.importorskip("av")
 pq = pytest.importorskip("pyarrow.parquet")

@@ -163,7 +163,7 @@ def test_paligemma_interleaved_prefix_is_the_first_frame_only(paligemma_folder):
     assert (ours - ref).abs().max() < 1e-4
     # closed loop: recompute over the window, and the streaming cache while it holds <= H frames
     for cache in (False, True):
-        pol = vla.Policy(net, {"d": vla.compute_action_stats(np.random.default_rng(0).uniform(-1, 1, (50, 7)))},
+        pol = vla.Policy(net, {"d": data.compute_action_stats(np.random.default_rng(0).uniform(-1, 1, (50, 7)))},
                          cache=cache)
         for t in range(H):
             pol.predict_chunk({"static": img[0, t, 0].permute(1, 2, 0).numpy()}, INSTR[0])
@@ -189,7 +189,7 @@ def test_attention_option_validation(tmp_path):
     assert vla.VLA(vla.VLAConfig.tiny(image_size=32, backbone="tiny-llava", attention="prefix")).prefix_lm
     # a checkpoint written before the option existed was trained causally and stays causal when loaded
     net = vla.VLA(vla.VLAConfig.tiny(image_size=32, backbone="tiny-paligemma", views=("static",)))
-    vla.save_checkpoint(tmp_path, net, {"d": vla.compute_action_stats(np.zeros((4, 7)))})
+    vla.save_checkpoint(tmp_path, net, {"d": data.compute_action_stats(np.zeros((4, 7)))})
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["config"]["attention"] == "auto"
     del cfg["config"]["attention"]

@@ -428,7 +428,7 @@ def test_cli_runs_a_real_tiny_policy_checkpoint_on_the_sim_arm(tmp_path, monkeyp
                                                             d=32, layers=1, heads=2)))
     demo = np.random.default_rng(0).uniform(-0.005, 0.005, (50, 7))  # robot units: metres / radians per step
     demo[:, 6] = np.sign(demo[:, 6])
-    vla.save_checkpoint(tmp_path / "run", model, {"kinova": vla.compute_action_stats(demo)})
+    vla.save_checkpoint(tmp_path / "run", model, {"kinova": data.compute_action_stats(demo)})
     n_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

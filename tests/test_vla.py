@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import vla
 from vla import VLA, Policy, VLAConfig
 
@@ -139,9 +140,9 @@ def test_interleaved_streaming_with_kv_cache_equals_batch():
         if t < H:  # the KV cache is exact until the first eviction (see VLA.interleaved_step)
             np.testing.assert_allclose(c3, full[0, t].numpy(), atol=1e-5)
             np.testing.assert_allclose(c3, ref.numpy(), atol=1e-5)
-    assert len(cached.tokens) == H and not cached.state  # the default keeps image tokens, no KV cache
-    assert approx.state["n_seg"] == H  # the cache holds at most H segments
-    n = approx.state["cache"][0][0].shape[2]
+    assert len(cached.history) == H and not cached.kv_state  # the default keeps image tokens, no KV cache
+    assert approx.kv_state["n_seg"] == H  # the cache holds at most H segments
+    n = approx.kv_state["cache"][0][0].shape[2]
     assert n == H * (n // H)
 
 
@@ -209,7 +210,7 @@ def test_chunk_execution_runs_the_model_once_per_chunk_and_unnormalizes(monkeypa
         if t % 3 == 0:
             chunks.append(pol.last_chunk.copy())
     assert len(calls) == 2
-    expect = vla.unnormalize_action(np.concatenate(chunks), STATS["toy"])
+    expect = data.unnormalize_action(np.concatenate(chunks), STATS["toy"])
     np.testing.assert_allclose(np.stack(acts), expect, atol=1e-6)
     assert set(np.stack(acts)[:, 6].tolist()) <= {-1.0, 1.0}
     assert np.abs(np.stack(acts)[:, :6]).max() <= 0.5 + 1e-6  # inside [q01, q99]

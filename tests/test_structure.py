@@ -46,7 +46,7 @@ def test_every_module_says_what_it_stands_on():
         assert doc, f"{module}.py has no opening docstring"
 
 
-REFERENCE = re.compile(r"\b(backbones|data|heads|vla|evaluate|robot|train)((?:\.[A-Za-z_][A-Za-z0-9_]*)+)")
+REFERENCE = re.compile(r"(?<![\w.\-/])(backbones|data|heads|vla|evaluate|robot|train)((?:\.[A-Za-z_][A-Za-z0-9_]*)+)")  # not tf.train.X
 CLASS_REFERENCE = re.compile(r"\b([A-Z][A-Za-z0-9]+)\.([a-z_][A-Za-z0-9_]*)\b")
 
 

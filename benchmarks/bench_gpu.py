@@ -417,7 +417,8 @@ def end_to_end(tmp, tiny, device, steps=50, batch=2):
            "--window", str(c.window), "--chunk", str(c.chunk), "--image-size", str(c.image_size),
            "--head-size", "tiny" if tiny else "paper", "--steps", str(steps), "--batch", str(batch),
            "--ckpt-every", "25", "--keep-ckpts", "1", "--log-every", "5", "--eval-episodes", "0", "--loader-workers", "0",
-           "--device", device.type, "--out", str(run)]
+           "--device", device.type, "--out", str(run)] + (["--threads", "1"] if device.type == "cpu" else [])
+    # (one CPU thread: a 2-thread OpenMP pool on a loaded 2-core box can stall a tiny model's steps 100x)
     t0 = time.perf_counter()
     killed = subprocess.run(cmd + ["--debug-kill-at-step", "30"], cwd=ROOT, capture_output=True, text=True)
     if killed.returncode == 0 or not (run / "checkpoints").is_dir():

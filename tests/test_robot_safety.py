@@ -16,33 +16,12 @@ from robot import Command, Limits
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKES = str(ROOT / "tests" / "fakes")
-VENDOR = ("kortex_api", "pyrealsense2", "pyk4a")
 IP = "192.168.1.10"
 TOP = 0.45  # box top (m) for the latency tests: the fake Gen3 starts at Home, z = 0.434
 LATENCIES = (0.0, 0.05, 0.09, 0.14)  # s of inference per step at 10 Hz (the issue's measurements)
 
 
-class FakeClock:
-    def __init__(self, t=1000.0):
-        self.t = t
-
-    def __call__(self):
-        return self.t
-
-    def sleep(self, dt):
-        assert dt >= 0
-        self.t += dt
-
-
-def _drop_vendor_modules():
-    for name in list(sys.modules):
-        if name.split(".")[0] in VENDOR:
-            del sys.modules[name]
-
-
-@pytest.fixture
-def clock():
-    return FakeClock()
+from test_robot import FakeClock, _drop_vendor_modules, clock  # noqa: E402,F401  (the same doubles' clock)
 
 
 @pytest.fixture

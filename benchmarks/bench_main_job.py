@@ -9,7 +9,8 @@ so it stays meaningful on a busy machine; rerun it on an idle one for absolute n
            cached demonstrations, or random frames when there are none), vision tower forward, LM forward,
            head forward + loss, backward, optimizer (clip + AdamW); printed as ms and as shares of the step.
   render   ms per rendered camera frame (both cameras, MetaWorldEnv.observe) in a child process with llvmpipe's
-           default render threads (one per core) vs LP_NUM_THREADS=1, alternating; printed as a ratio.
+           default render threads (one per core) vs LP_NUM_THREADS=1 and 0, alternating: CPU time of the
+           whole process (all threads) and wall time, with the CPU ratio to the default.
   baselines  the expert and random columns of one evaluation seed (5 tasks x 10 episodes, no rendering):
            computed vs read back from the per-seed cache (evaluate.baseline_columns).
 """
@@ -144,13 +145,16 @@ def bench_render(rounds, frames):
     if evaluate._pick_gl_backend() != "osmesa":
         print("\n[render] skipped: LP_NUM_THREADS only concerns OSMesa's llvmpipe (MUJOCO_GL=osmesa)")
         return
-    old, new = [], []
-    for _ in range(rounds):  # alternate, so both see the same load
-        old.append(render_ms(None, frames))
-        new.append(render_ms(1, frames))
-    o, n = np.median(old), np.median(new)
-    print(f"\n[render] ms per camera frame (64 px, median of {rounds} alternating child processes of {frames} "
-          f"frames x 2 cameras): llvmpipe default threads {o:.2f}, LP_NUM_THREADS=1 {n:.2f}; ratio {o / n:.2f}x")
+    runs = {"default": [], "1": [], "0": []}  # llvmpipe render threads: one per core / one / none (inline)
+    for _ in range(rounds):  # alternate, so all see the same load
+        for k in runs:
+            runs[k].append(render_ms(None if k == "default" else int(k), frames))
+    print(f"\n[render] per 64 px camera frame, median of {rounds} alternating child processes of {frames} frames x 2 "
+          f"cameras; CPU = all threads of the process (what 2 busy workers on 2 cores pay), wall = this process")
+    base = np.median([c for _, c in runs["default"]])
+    for k, v in runs.items():
+        wall, cpu = np.median([w for w, _ in v]), np.median([c for _, c in v])
+        print(f"  LP_NUM_THREADS={k:8s} CPU {cpu:6.2f} ms ({base / cpu:.2f}x the default's CPU), wall {wall:6.2f} ms")
 
 
 # --- evaluation: expert and random columns ------------------------------------------------------------------

@@ -13,6 +13,7 @@ so it stays meaningful on a busy machine; rerun it on an idle one for absolute n
            whole process (all threads) and wall time, with the CPU ratio to the default.
   baselines  the expert and random columns of one evaluation seed (5 tasks x 10 episodes, no rendering):
            computed vs read back from the per-seed cache (evaluate.baseline_columns).
+  eval     CPU ms per closed-loop step: the policy (ensemble execution re-plans every step) vs the environment.
 """
 
 import argparse
@@ -176,13 +177,44 @@ def bench_baselines(episodes=10, seed=0):
           f"from the cache {1e3 * cached:.1f} ms")
 
 
+def bench_eval_step(steps=60):
+    """CPU ms per closed-loop step: the policy (a freshly initialized default model, ensemble execution: one
+    re-plan per step) vs the environment (physics + both cameras rendered)."""
+    import shutil
+    import vla
+    args = train.parse_args([])
+    torch.set_num_threads(1)  # like an evaluation worker
+    d = tempfile.mkdtemp()
+    try:
+        stats = {"metaworld": train.data.compute_action_stats(np.random.default_rng(0).uniform(-1, 1, (100, 7)))}
+        vla.save_checkpoint(d, train.build_model(args), stats)
+        policy = vla.Policy.from_pretrained(d, execution=args.execution)
+    finally:
+        shutil.rmtree(d)
+    env = evaluate.MetaWorldEnv("door-open", image_size=args.image_size, cameras=tuple(args.views))
+    obs, t_pol, t_env = env.reset(evaluate.eval_seeds(0, 1)[0]), 0.0, 0.0
+    policy.reset()
+    for _ in range(steps):
+        c = time.process_time()
+        a = policy.act(obs, env.instruction)
+        t_pol += time.process_time() - c
+        c = time.process_time()
+        obs, _ = env.step(np.clip(a, -1, 1))
+        t_env += time.process_time() - c
+    env.close()
+    tot = t_pol + t_env
+    print(f"\n[eval step] CPU per closed-loop step ({steps} steps, 1 thread): policy ({args.execution}) "
+          f"{1e3 * t_pol / steps:.1f} ms ({100 * t_pol / tot:.0f}%), env step + 2 cameras {1e3 * t_env / steps:.1f} ms "
+          f"({100 * t_env / tot:.0f}%)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=30, help="timed training steps (after 5 warm-up steps)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the training step")
     p.add_argument("--render-rounds", type=int, default=3)
     p.add_argument("--render-frames", type=int, default=100)
-    p.add_argument("--skip", default="", help="comma-separated: step, render, baselines")
+    p.add_argument("--skip", default="", help="comma-separated: step, render, baselines, eval")
     a = p.parse_args()
     skip = set(a.skip.split(","))
     if "step" not in skip:
@@ -191,6 +223,8 @@ def main():
         bench_render(a.render_rounds, a.render_frames)
     if "baselines" not in skip:
         bench_baselines()
+    if "eval" not in skip:
+        bench_eval_step()
 
 
 if __name__ == "__main__":

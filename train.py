@@ -125,7 +125,8 @@ def parse_args(argv=None):
         for a in p._actions:
             a.default = argparse.SUPPRESS
         given = vars(p.parse_args(argv))
-        args = argparse.Namespace(**{**vars(args), **json.loads(saved.read_text()), **given})
+        saved = {"schedule": "constant", **json.loads(saved.read_text())}  # runs from before --schedule existed
+        args = argparse.Namespace(**{**vars(args), **saved, **given})
         args.out = args.resume
         args.debug_nan_at_step, args.debug_kill_at_step = (given.get(k, -1) for k in ("debug_nan_at_step",
                                                                                       "debug_kill_at_step"))

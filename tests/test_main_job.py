@@ -49,3 +49,12 @@ def test_baseline_columns_are_cached_per_seed(tmp_path, monkeypatch):
     assert evaluate.baseline_columns(["drawer-open"], seeds, max_steps=60, cache_dir=tmp_path) == first
     with pytest.raises(AssertionError, match="rolled out"):  # other seeds are another cache entry
         evaluate.baseline_columns(["drawer-open"], evaluate.eval_seeds(1, 2), max_steps=60, cache_dir=tmp_path)
+
+
+def test_resuming_a_run_saved_before_schedule_existed_keeps_its_constant_lr(tmp_path):
+    import json
+    saved = vars(train.parse_args(["--out", str(tmp_path)]))
+    saved.pop("schedule")  # what train_args.json held before --schedule existed
+    (tmp_path / "train_args.json").write_text(json.dumps(saved))
+    assert train.parse_args(["--resume", str(tmp_path)]).schedule == "constant"
+    assert train.parse_args(["--resume", str(tmp_path), "--schedule", "cosine"]).schedule == "cosine"

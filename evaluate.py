@@ -489,6 +489,31 @@ def baseline_success(task, seeds, kind, max_steps=200):
     return wins / len(seeds)
 
 
+def _baseline_job(job):
+    task, seeds, kind, max_steps = job
+    return task, kind, baseline_success(task, seeds, kind, max_steps)
+
+
+def baseline_columns(tasks, seeds, max_steps=200, cache_dir=None, pool=None):
+    """{task: {"expert": rate, "random": rate}} on `seeds`. Neither column depends on the policy, so with
+    `cache_dir` they are kept per (task, seeds, max_steps) in one JSON file there and only missing tasks are
+    rolled out; `pool` (a multiprocessing pool) runs those rollouts in parallel."""
+    path, cached = None, {}
+    if cache_dir is not None:
+        key = json.dumps([list(seeds), max_steps, "v1"])
+        path = Path(cache_dir) / f"metaworld_baselines_{hashlib.sha1(key.encode()).hexdigest()[:8]}.json"
+        if path.is_file():
+            cached = json.loads(path.read_text())
+    jobs = [(t, list(seeds), k, max_steps) for t in tasks if t not in cached for k in ("expert", "random")]
+    out = pool.imap(_baseline_job, jobs) if pool is not None and jobs else map(_baseline_job, jobs)
+    for task, kind, rate in out:
+        cached.setdefault(task, {})[kind] = rate
+    if path is not None and jobs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json(path, cached)
+    return {t: cached[t] for t in tasks}
+
+
 _WORKER_POLICY = None  # (key, Policy) loaded once per evaluation worker process
 
 
@@ -511,7 +536,7 @@ def _eval_episode(job):
 
 def evaluate_metaworld(policy, tasks=DEFAULT_TASKS, episodes=10, seed=0, image_size=64, cameras=("static", "wrist"),
                        max_steps=200, gif_dir=None, baselines=True, progress=True, workers=1, execution="chunk",
-                       scene="seen", instructions="seen"):
+                       scene="seen", instructions="seen", cache_dir=None):
     """Closed-loop success of `policy` on each task: the Meta-World protocol of this project.
 
     policy: an object with reset() / act(obs, instruction) -> action7, or a run directory (str/Path), loaded
@@ -523,6 +548,8 @@ def evaluate_metaworld(policy, tasks=DEFAULT_TASKS, episodes=10, seed=0, image_s
     scene="shifted" / instructions="paraphrased": the generalization split (test time only; see SHIFT_* and
     METAWORLD_PARAPHRASES), deterministic per episode seed. The expert and random columns stay on the seen
     scene (neither looks at images or instructions, and appearance does not change the physics).
+    cache_dir: keep the expert and random columns there per evaluation seed (baseline_columns); with workers > 1
+    they are rolled out in the same pool as the episodes.
     Returns {task: {"instruction", "policy", "expert", "random", "steps"}} (success rates in [0, 1]).
     """
     from tqdm import tqdm
@@ -551,18 +578,18 @@ def evaluate_metaworld(policy, tasks=DEFAULT_TASKS, episodes=10, seed=0, image_s
             save_gif(frames, Path(gif_dir) / f"{task}.gif", cameras, caption=f"{said}: {'success' if ok else 'failure'}")
         bar.update(1)
         bar.set_postfix(task=task, success=f"{wins[task]}/{len(steps[task])}")
+    mine = [task for k, task in enumerate(tasks) if baselines and k % world == rank]  # this rank's baselines
     if workers > 1:
         with mp.get_context("spawn").Pool(workers) as pool:
             for out in pool.imap(_eval_episode, jobs):
                 collect(out)
+            base = baseline_columns(mine, seeds, max_steps, cache_dir, pool)
     else:
         for job in jobs:
             collect(_eval_episode(job))
         close_renderer()
+        base = baseline_columns(mine, seeds, max_steps, cache_dir)
     bar.close()
-    base = {task: {"expert": baseline_success(task, seeds, "expert", max_steps),
-                   "random": baseline_success(task, seeds, "random", max_steps)}
-            for k, task in enumerate(tasks) if baselines and k % world == rank}
     if world > 1:  # merge every rank's episodes and baselines; all ranks return the full results
         import torch.distributed as dist
         parts = [None] * world
@@ -1400,7 +1427,8 @@ def evaluate_simpler(policy_for, tasks="all", overlay_dir=None, out_dir=None, ma
 # -----------------------------------------------------------------------------------------------------------
 
 def run_metaworld_eval(ckpt, episodes=10, seed=0, execution=None, tasks=None, out=None, gifs=True,
-                       device="cpu", progress=True, workers=None, scene="seen", instructions="seen"):
+                       device="cpu", progress=True, workers=None, scene="seen", instructions="seen",
+                       cache_dir=None):
     """Load a run directory's Policy and re-run the Meta-World protocol; writes results.md under `out`."""
     from vla import Policy
     ckpt = Path(ckpt)
@@ -1419,7 +1447,7 @@ def run_metaworld_eval(ckpt, episodes=10, seed=0, execution=None, tasks=None, ou
                                  cameras=tuple(train_args.get("views", ("static", "wrist"))),
                                  max_steps=train_args.get("max_steps", 200), gif_dir=out if gifs else None,
                                  progress=progress, workers=workers, execution=execution, scene=scene,
-                                 instructions=instructions)
+                                 instructions=instructions, cache_dir=cache_dir)
     header = (f"## Meta-World closed-loop evaluation\n\ncheckpoint `{ckpt}`, {episodes} episodes per task, "
               f"evaluation seed {seed} (episode seeds {eval_seeds(seed, episodes)[0]}..), execution `{execution}`, "
               f"scene `{scene}`, instructions `{instructions}`, "
@@ -1523,6 +1551,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/eval_<benchmark>_seed<S>_<exec>)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=0, help="evaluation processes (0 = all cores on CPU)")
+    p.add_argument("--cache-dir", default="data_cache", help="Meta-World: the expert and random columns are cached "
+                   "here per evaluation seed (they do not depend on the policy); '' = always recompute")
     p.add_argument("--scene", default="seen", choices=SCENES, help="Meta-World: seen = the training scene; shifted "
                    "= recoloured, relit, cameras moved (per episode seed; the miniature of CALVIN's scene D)")
     p.add_argument("--instructions", default="seen", choices=INSTRUCTION_SETS, help="Meta-World: seen = the "
@@ -1556,7 +1586,8 @@ def main(argv=None):
         rank, _, _ = init_distributed()  # torchrun --nproc_per_node=N evaluate.py ...: episodes sharded over ranks
         _, text = run_metaworld_eval(args.ckpt, args.episodes, args.seed, args.execution, tasks, args.out,
                                      device=args.device, workers=args.workers or None, progress=rank == 0,
-                                     scene=args.scene, instructions=args.instructions)
+                                     scene=args.scene, instructions=args.instructions,
+                                     cache_dir=args.cache_dir or None)
         if rank == 0:
             print(text)
     elif args.benchmark == "calvin":

@@ -120,11 +120,13 @@ def parse_args(argv=None):
                    "actions (labels stay clean, DART); 0 = plain expert rollouts")
     d.add_argument("--workers", type=int, default=0, help="processes for demos and evaluation (0 = all cores)")
     o = p.add_argument_group("optimization")
-    o.add_argument("--steps", type=int, default=3500)
+    o.add_argument("--steps", type=int, default=2500, help="training steps (the main job's budget: docs/main_job.md)")
     o.add_argument("--batch", type=int, default=16)
     o.add_argument("--lr", type=float, default=3e-4)
     o.add_argument("--weight-decay", type=float, default=0.01)
-    o.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then constant LR")
+    o.add_argument("--warmup", type=int, default=100, help="linear warmup steps, then --schedule")
+    o.add_argument("--schedule", default="cosine", choices=["constant", "cosine"], help="LR after the warmup: "
+                   "constant (the paper's), or cosine decay to 0 at --steps (converges in fewer steps)")
     o.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -173,7 +175,8 @@ def parse_args(argv=None):
         for a in p._actions:
             a.default = argparse.SUPPRESS
         given = vars(p.parse_args(argv))
-        old = {"attention": "causal", **json.loads(saved.read_text())}  # runs from before --attention: causal
+        old = {"attention": "causal", "schedule": "constant",  # runs from before --attention / --schedule
+               **json.loads(saved.read_text())}
         args = argparse.Namespace(**{**vars(args), **old, **given})
         args.out = args.resume
         args.debug_nan_at_step, args.debug_kill_at_step = (given.get(k, -1) for k in ("debug_nan_at_step",
@@ -331,9 +334,16 @@ def build_model(args):
     return vla.VLA(model_config(args))
 
 
-def lr_at(step, base_lr, warmup):
-    """Linear warmup from 0 to base_lr over `warmup` steps, then constant (the paper's schedule)."""
-    return base_lr * min(1.0, (step + 1) / max(1, warmup))
+def lr_at(step, base_lr, warmup, schedule="constant", total=None):
+    """Linear warmup from 0 to base_lr over `warmup` steps, then constant (the paper's schedule) or, with
+    schedule="cosine", half a cosine from base_lr down to 0 at step `total` (SGDR, Loshchilov & Hutter 2017)."""
+    if step < warmup or schedule == "constant":
+        return base_lr * min(1.0, (step + 1) / max(1, warmup))
+    if schedule != "cosine" or not total:
+        raise ValueError(f"schedule must be 'constant' or 'cosine' (with total steps), got {schedule!r}, "
+                         f"total={total!r}")
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))  # 0 after the warmup -> 1 at the last step
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -798,7 +808,8 @@ def train(args, model, dataset, run_dir, device, rank=0, world=1, stats=None, si
     net = wrap_model(model, world, device, args.fsdp)
     params = [p for p in net.parameters() if p.requires_grad]  # = model.trainable_parameters() (sharded: FSDP)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, 1.0, args.warmup))  # warmup, then constant
+    schedule = getattr(args, "schedule", "constant")  # runs saved before --schedule existed were constant
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, 1.0, args.warmup, schedule, args.steps))
     start, last_ckpt = 0, None
     if args.resume:
         last_ckpt = latest_checkpoint(run_dir)
@@ -998,7 +1009,7 @@ def main(argv=None):
         t2 = time.time()
         _, text = evaluate.run_metaworld_eval(run_dir, args.eval_episodes, args.eval_seed, args.execution,
                                               args.tasks, out=run_dir, device=str(device),
-                                              workers=args.workers or None)
+                                              workers=args.workers or None, cache_dir=args.cache_dir)
         t_eval = time.time() - t2
         print(text)
     summary = (f"total wall time {time.time() - t0:.0f} s: demos {t_data:.0f} s, training {t_train:.0f} s "

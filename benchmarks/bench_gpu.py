@@ -496,7 +496,7 @@ def main(argv=None):
             for execution in ("first", "chunk"):
                 med, p99, mem = control_rate(vla, execution, args.act_steps, args.act_warmup)
                 print(f"  {execution:<6} execution: median {med:7.2f} ms ({1000 / med:6.1f} Hz), p99 {p99:7.2f} ms, "
-                      f"peak {mem:.2f} GiB" + ("   [target >= 100 Hz]" if execution == "first" else ""), flush=True)
+                      f"peak {gib(mem)}" + ("   [target >= 100 Hz]" if execution == "first" else ""), flush=True)
             if bw:
                 print(f"  floor: {floor_b / 2 ** 30:.2f} GiB of weights per step / {bw / 1e12:.2f} TB/s = "
                       f"{floor_b / bw * 1000:.2f} ms ({bw / floor_b:.0f} Hz)")

@@ -550,15 +550,6 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def _sha256(path):
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def full_state(net, model, opt, fsdp):
     """-> (model state dict, optimizer state dict), unsharded. Under FSDP a collective (every rank calls it);
     the full tensors land on rank 0's CPU."""
@@ -676,7 +667,7 @@ def verify_checkpoint(d):
             return f"{name} is missing"
         if f.stat().st_size != m["bytes"]:
             return f"{name} has {f.stat().st_size} bytes, the manifest says {m['bytes']} (truncated?)"
-        if _sha256(f) != m["sha256"]:
+        if vla.file_sha256(f) != m["sha256"]:
             return f"{name} does not match its sha256 in the manifest"
     return None
 

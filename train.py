@@ -109,7 +109,8 @@ def parse_args(argv=None):
     a.add_argument("--resampler", type=int, default=None, metavar="N", help="add a perceiver resampler to N latents "
                    "on the image path of a pretrained-family backbone (backbone_kwargs resampler; RoboVLMs: 64)")
     a.add_argument("--shift-aug", action=argparse.BooleanOptionalAction, default=c.shift_aug,
-                   help="random-shift image augmentation (official)")
+                   help="random-shift image augmentation (official; off in the Meta-World preset, where the camera "
+                        "is fixed: docs/main_job.md)")
     a.add_argument("--views", default=",".join(c.views), help="cameras, comma-separated")
     a.add_argument("--image-size", type=int, default=c.image_size, help="rendered (and model input) image size")
     d = p.add_argument_group("data (Meta-World scripted-expert demonstrations)")
@@ -1020,7 +1021,7 @@ def reproduce_flags(args):
         if k == "resume" or v == default.get(k):
             continue
         flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):  # store_true flags default to False; --shift-aug/--no-shift-aug defaults to True
+        if isinstance(v, bool):  # store_true flags default to False; --shift-aug may default either way
             out.append(flag if v else "--no-" + flag[2:])
         elif isinstance(v, list):  # --tasks/--views/--head-mlp comma-separated, --data/--data-weights space
             out.append(f"{flag} {(',' if k in ('tasks', 'views', 'head_mlp') else ' ').join(map(str, v))}")

@@ -209,8 +209,13 @@ class VLAConfig:
     @classmethod
     def metaworld(cls, **overrides):
         """The main job's preset (`python train.py` with no flags): the tiny model on Meta-World's 64x64 renders,
-        a history of H=2 frames and chunks of L=8 actions, whatever the formulation."""
-        return cls.tiny(**{"window": 2, "chunk": 8, "image_size": 64, **overrides})
+        a history of H=2 frames and chunks of L=8 actions, whatever the formulation.
+
+        Deviation from the official recipe: no random-shift augmentation (shift_aug=False). Meta-World's corner
+        camera never moves, so where a thing is in the image is where it is on the table; shifting the 64 px
+        frame by up to +-3 px (the official 10 px at 224) blurs exactly the cue the button needs, and the
+        policy pressed beside it. Without the shift: 97.3% instead of 88.0% (docs/main_job.md)."""
+        return cls.tiny(**{"window": 2, "chunk": 8, "image_size": 64, "shift_aug": False, **overrides})
 
     @classmethod
     def paper(cls, backbone, **overrides):

@@ -108,7 +108,7 @@ def test_every_config_field_a_user_may_want_is_a_flag():
                "--no-train-language": "train_language", "--no-train-embeddings": "train_embeddings",
                "--head-width 64": "head_width", "--head-layers 3": "head_layers", "--head-heads 2": "head_heads",
                "--head-mlp 64,32": "head_mlp", "--expert-width 16": "expert_width", "--flow-steps 3": "flow_steps",
-               "--n-bins 16": "n_bins", "--no-shift-aug": "shift_aug", "--action-norm bounds": "action_norm",
+               "--n-bins 16": "n_bins", "--shift-aug": "shift_aug", "--action-norm bounds": "action_norm",
                "--attention causal": "attention", "--resampler 8": "backbone_kwargs"}
     for flag, field in changed.items():
         on = ["--backbone", "tiny-llava"] if field == "backbone_kwargs" else []  # a resampler needs a family VLM

@@ -40,6 +40,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -260,8 +261,13 @@ def run_variant(args, table, variant, seed):
         with run_lock(abs_run):  # several findings.py processes may share one sweep (e.g. one per core)
             timing = abs_run / "findings_time.json"
             times = json.loads(timing.read_text()) if timing.exists() and not args.force else {}
-            if args.force or not (abs_run / "config.json").exists() or "train" not in times:
+            stale = stale_training(abs_run, tcmd)
+            if stale:
+                print(f"  {run_dir} was trained with other settings ({stale}): training it again", flush=True)
+            if args.force or stale or not (abs_run / "config.json").exists() or "train" not in times:
                 clear_training(abs_run)
+                for old in abs_run.glob("eval_*"):  # evaluations of the old model
+                    shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
                 times["train"] = run(tcmd, abs_run / "train.log")
                 timing.write_text(json.dumps(times))
             train_args = json.loads((abs_run / "train_args.json").read_text())
@@ -285,10 +291,32 @@ def run_variant(args, table, variant, seed):
     return out
 
 
+# train.py flags that do not change the trained model (where it runs, how it logs, the evaluation after it)
+NOT_THE_MODEL = {"out", "cache_dir", "workers", "threads", "loader_workers", "device", "eval_episodes", "eval_seed", "execution",
+                 "max_steps", "ckpt_every", "log_every", "keep_ckpts", "resume", "debug_nan_at_step",
+                 "debug_kill_at_step"}
+
+
+def stale_training(run_dir, tcmd):
+    """'' if run_dir holds no training or one made with the settings tcmd gives today; else the differences,
+    e.g. "shift_aug: True -> False" (train.py's defaults changed since, or --train-args did): a finished
+    checkpoint is only reused for the model this command would train."""
+    saved = run_dir / "train_args.json"
+    if not saved.exists():
+        return ""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import train
+    now = json.loads(json.dumps(vars(train.parse_args(tcmd[2:]))))  # tuples -> lists, as train_args.json has them
+    old = json.loads(saved.read_text())
+    diff = [f"{k}: {old.get(k, '(unset)')} -> {v}" for k, v in sorted(now.items())
+            if k not in NOT_THE_MODEL and old.get(k, "(unset)") != v]
+    return ", ".join(diff)
+
+
 def clear_training(run_dir):
     """Before (re-)training a run: remove what an earlier, forced or interrupted, training left there. train.py
     refuses an --out that holds another run's checkpoints, weights or metrics (the two would mix)."""
-    import shutil
     for name in ("checkpoints", "tb"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
     for name in ("model.safetensors", "metrics.csv"):

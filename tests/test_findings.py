@@ -100,3 +100,21 @@ def test_bad_flags_are_refused():
     for argv in (["--seeds", ""], ["--conditions", "dark"], ["--episodes", "0"]):
         with pytest.raises(SystemExit):
             findings.parse_args(argv)
+
+
+def test_a_run_trained_with_other_settings_is_trained_again(tmp_path):
+    """A checkpoint left under runs/findings by an older train.py default (or other --train-args) is not the
+    model today's command trains: stale_training names the difference, so run_variant retrains instead of
+    evaluating the old model under the new row."""
+    import train
+    cmd = [sys.executable, "train.py", "--formulation", "policy_head", "--seed", "1", "--out", str(tmp_path),
+           "--workers", "1", "--threads", "1"]
+    assert findings.stale_training(tmp_path, cmd) == ""  # nothing trained yet
+    same = json.loads(json.dumps(vars(train.parse_args(cmd[2:]))))
+    same.update(out="elsewhere", workers=0, threads=2, cache_dir="/tmp/cache")  # where it ran: the same model
+    (tmp_path / "train_args.json").write_text(json.dumps(same))
+    assert findings.stale_training(tmp_path, cmd) == ""
+    older = dict(same, shift_aug=not same["shift_aug"], steps=3500)  # e.g. trained before a default changed
+    (tmp_path / "train_args.json").write_text(json.dumps(older))
+    stale = findings.stale_training(tmp_path, cmd)
+    assert f"shift_aug: {older['shift_aug']} -> {same['shift_aug']}" in stale and "steps: 3500 -> " in stale

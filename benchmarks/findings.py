@@ -266,8 +266,11 @@ def run_variant(args, table, variant, seed):
                 print(f"  {run_dir} was trained with other settings ({stale}): training it again", flush=True)
             if args.force or stale or not (abs_run / "config.json").exists() or "train" not in times:
                 clear_training(abs_run)
-                for old in abs_run.glob("eval_*"):  # evaluations of the old model
-                    shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+                for old in abs_run.glob("eval_*"):  # evaluations (and their logs) of the old model
+                    if old.is_dir():
+                        shutil.rmtree(old, ignore_errors=True)
+                    else:
+                        old.unlink()
                 times["train"] = run(tcmd, abs_run / "train.log")
                 timing.write_text(json.dumps(times))
             train_args = json.loads((abs_run / "train_args.json").read_text())

@@ -399,6 +399,24 @@ def demo_paths(tasks, demos_per_task, image_size, seed, cache_dir, cameras=("sta
     return paths
 
 
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _remove_stale_tmp(path):
+    """Delete path's temporary files (path.tmp<pid>) whose writing process is gone: an interrupted run's."""
+    for p in path.parent.glob(path.name + ".tmp*"):
+        pid = p.name[len(path.name) + 4:]
+        if not pid.isdigit() or not _pid_alive(int(pid)):
+            p.unlink(missing_ok=True)
+
+
 def generate_demos(tasks, demos_per_task, image_size=64, seed=0, cache_dir="data_cache", workers=None,
                    cameras=("static", "wrist"), max_steps=200, noise=0.0, progress=True):
     """Scripted-expert demonstrations, one HDF5 file per task (only successful episodes), reused when cached.
@@ -423,9 +441,12 @@ def generate_demos(tasks, demos_per_task, image_size=64, seed=0, cache_dir="data
                  "in [-1,1] (x 1 cm), rotation always 0, gripper +1 open / -1 closed",
                  "image_size": image_size, "cameras": json.dumps(list(cameras)), "seed": seed,
                  "expert_noise": noise}
-        tmp = {t: paths[t].with_suffix(".h5.tmp") for t in todo}
-        for p in tmp.values():
-            p.unlink(missing_ok=True)  # left over from an interrupted run: start the task afresh
+        # Each process writes its own temporary file (name + .tmp<pid>): two runs that need the same demos at once
+        # (e.g. two sweep processes) both render and the last rename wins, instead of one deleting the other's
+        # file under it and renaming an empty one into place. Leftovers of dead processes are removed.
+        for t in todo:
+            _remove_stale_tmp(paths[t])
+        tmp = {t: paths[t].parent / f"{paths[t].name}.tmp{os.getpid()}" for t in todo}
         writers = {t: EpisodeWriter(str(tmp[t]), attrs) for t in todo}
         need, next_i, attempts = {t: demos_per_task for t in todo}, {t: 0 for t in todo}, {t: 0 for t in todo}
         from tqdm import tqdm

@@ -1,5 +1,7 @@
 """The Meta-World adapter (evaluate.py section 2): action and observation conversion, seeds, demos, results."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -122,6 +124,12 @@ def test_demo_episode_replays_to_success():
 
 def test_demo_cache_is_reused(tmp_path):
     h5py = pytest.importorskip("h5py")
+    # Temporary files of the same cache entry: a live process's (another sweep process rendering the same demos
+    # right now) must survive; an interrupted run's (dead pid, or the old pid-less name) are removed.
+    final = E.demo_paths(["button-press-topdown"], 2, 32, 0, tmp_path)["button-press-topdown"]
+    live, dead, old = (tmp_path / f"{final.name}.tmp{pid}" for pid in (os.getppid(), 2 ** 22 + 12345, ""))
+    for f in (live, dead, old):
+        f.write_text("partial")
     paths = E.generate_demos(["button-press-topdown"], 2, image_size=32, cache_dir=tmp_path, workers=1,
                              progress=False)
     with h5py.File(paths[0]) as f:
@@ -129,6 +137,8 @@ def test_demo_cache_is_reused(tmp_path):
         assert len(eps) == 2
         assert f["episodes"][eps[0]].attrs["instruction"] == "press the button from the top"
         assert f.attrs["control_hz"] == E.METAWORLD_CONTROL_HZ
+    assert live.read_text() == "partial" and not dead.exists() and not old.exists()
+    live.unlink()
     stamp = [p.stat().st_mtime_ns for p in tmp_path.iterdir()]
     again = E.generate_demos(["button-press-topdown"], 2, image_size=32, cache_dir=tmp_path, workers=1,
                              progress=False)

@@ -417,6 +417,26 @@ def _remove_stale_tmp(path):
             p.unlink(missing_ok=True)
 
 
+def _complete_demo_file(path, demos):
+    """Is the cached file there with its `demos` complete episodes? A damaged one (unreadable, or short of
+    episodes, e.g. left by a crashed or racing writer) is renamed to path.bad and rendered again."""
+    if not path.exists():
+        return False
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            n = sum(1 for g in f["episodes"].values() if g.attrs.get("complete", 0))
+    except (OSError, KeyError) as e:
+        n, why = 0, f"unreadable ({e})"
+    else:
+        why = f"{n} complete episodes, expected {demos}"
+    if n == demos:
+        return True
+    os.replace(path, path.with_name(path.name + ".bad"))
+    print(f"demo cache {path} is damaged: {why}; kept as {path.name}.bad, rendering it again", flush=True)
+    return False
+
+
 def generate_demos(tasks, demos_per_task, image_size=64, seed=0, cache_dir="data_cache", workers=None,
                    cameras=("static", "wrist"), max_steps=200, noise=0.0, progress=True):
     """Scripted-expert demonstrations, one HDF5 file per task (only successful episodes), reused when cached.
@@ -432,7 +452,7 @@ def generate_demos(tasks, demos_per_task, image_size=64, seed=0, cache_dir="data
     if not 0 <= seed < 100:
         raise ValueError(f"seed must be in [0, 100) so demo seeds stay in {DEMO_SEEDS}, got {seed}")
     paths = demo_paths(tasks, demos_per_task, image_size, seed, cache_dir, cameras, max_steps, noise)
-    todo = [t for t in tasks if not paths[t].exists()]
+    todo = [t for t in tasks if not _complete_demo_file(paths[t], demos_per_task)]
     if todo:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         workers = workers or min(16, os.cpu_count() or 1)

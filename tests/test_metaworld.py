@@ -143,6 +143,14 @@ def test_demo_cache_is_reused(tmp_path):
     again = E.generate_demos(["button-press-topdown"], 2, image_size=32, cache_dir=tmp_path, workers=1,
                              progress=False)
     assert again == paths and [p.stat().st_mtime_ns for p in tmp_path.iterdir()] == stamp
+    # a damaged cache file (here: emptied, as a crashed writer could leave it) is set aside and rendered again
+    with h5py.File(paths[0], "w") as f:
+        f.create_group("episodes")
+    assert E.generate_demos(["button-press-topdown"], 2, image_size=32, cache_dir=tmp_path, workers=1,
+                            progress=False) == paths
+    with h5py.File(paths[0]) as f:
+        assert sum(g.attrs.get("complete", 0) for g in f["episodes"].values()) == 2
+    assert (tmp_path / (final.name + ".bad")).exists()
     # another configuration is another file
     other = E.demo_paths(["button-press-topdown"], 3, 32, 0, tmp_path)
     assert str(other["button-press-topdown"]) != paths[0]

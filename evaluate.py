@@ -401,11 +401,11 @@ def demo_paths(tasks, demos_per_task, image_size, seed, cache_dir, cameras=("sta
 
 def _pid_alive(pid):
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only checks; PermissionError means alive (another user's)
     except ProcessLookupError:
         return False
-    except PermissionError:  # alive, another user's
-        return True
+    except PermissionError:
+        pass
     return True
 
 

@@ -266,11 +266,6 @@ def run_variant(args, table, variant, seed):
                 print(f"  {run_dir} was trained with other settings ({stale}): training it again", flush=True)
             if args.force or stale or not (abs_run / "config.json").exists() or "train" not in times:
                 clear_training(abs_run)
-                for old in abs_run.glob("eval_*"):  # evaluations (and their logs) of the old model
-                    if old.is_dir():
-                        shutil.rmtree(old, ignore_errors=True)
-                    else:
-                        old.unlink()
                 times["train"] = run(tcmd, abs_run / "train.log")
                 timing.write_text(json.dumps(times))
             train_args = json.loads((abs_run / "train_args.json").read_text())
@@ -295,8 +290,8 @@ def run_variant(args, table, variant, seed):
 
 
 # train.py flags that do not change the trained model (where it runs, how it logs, the evaluation after it)
-NOT_THE_MODEL = {"out", "cache_dir", "workers", "threads", "loader_workers", "device", "eval_episodes", "eval_seed", "execution",
-                 "max_steps", "ckpt_every", "log_every", "keep_ckpts", "resume", "debug_nan_at_step",
+NOT_THE_MODEL = {"out", "cache_dir", "workers", "threads", "loader_workers", "device", "eval_episodes", "eval_seed",
+                 "execution", "max_steps", "ckpt_every", "log_every", "keep_ckpts", "resume", "debug_nan_at_step",
                  "debug_kill_at_step"}
 
 
@@ -319,10 +314,11 @@ def stale_training(run_dir, tcmd):
 
 def clear_training(run_dir):
     """Before (re-)training a run: remove what an earlier, forced or interrupted, training left there. train.py
-    refuses an --out that holds another run's checkpoints, weights or metrics (the two would mix)."""
-    for name in ("checkpoints", "tb"):
+    refuses an --out that holds another run's checkpoints, weights or metrics (the two would mix); the old
+    model's evaluations (eval_* folders and logs) go too."""
+    for name in ("checkpoints", "tb", *(p.name for p in run_dir.glob("eval_*") if p.is_dir())):
         shutil.rmtree(run_dir / name, ignore_errors=True)
-    for name in ("model.safetensors", "metrics.csv"):
+    for name in ("model.safetensors", "metrics.csv", *(p.name for p in run_dir.glob("eval_*") if p.is_file())):
         (run_dir / name).unlink(missing_ok=True)
 
 

@@ -154,8 +154,9 @@ def test_findings_sweep_clears_an_interrupted_run_before_training_it_again(tmp_p
     import findings
     run = tmp_path / "run"
     (run / "checkpoints" / "step_00000002").mkdir(parents=True)
-    for f in ("model.safetensors", "metrics.csv", "train.log", "findings_time.json"):
+    for f in ("model.safetensors", "metrics.csv", "train.log", "findings_time.json", "eval_first_seen.log"):
         (run / f).write_text("x")
+    (run / "eval_first_seed0_seen").mkdir()  # the old model's evaluation: not the new model's
     args = train.parse_args(["--out", str(run)])
     with pytest.raises(SystemExit, match="already holds a training run"):
         train.check_out_dir(args)

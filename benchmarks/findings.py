@@ -418,8 +418,15 @@ def verdict(a, b, kind):
 def cell(sm):
     if sm is None:
         return "–"
-    return (f"{100 * sm['mean']:.1f}% ± {100 * sm['std']:.1f} [{100 * sm['lo']:.0f}, {100 * sm['hi']:.0f}] "
-            f"({len(sm['per_seed'])}s)")
+    spread = f" ± {100 * sm['std']:.1f}" if len(sm["per_seed"]) > 1 else ""  # one seed has no spread over seeds
+    return f"{100 * sm['mean']:.1f}%{spread} [{100 * sm['lo']:.0f}, {100 * sm['hi']:.0f}] ({len(sm['per_seed'])}s)"
+
+
+def seeds_caveat(a, b, wanted=3):
+    """' (2 vs 3 seeds)' when either side of a verdict rests on fewer training seeds than the sweep asks for."""
+    if a is None or b is None or min(len(a["per_seed"]), len(b["per_seed"])) >= wanted:
+        return ""
+    return f" ({len(a['per_seed'])} vs {len(b['per_seed'])} seeds)"
 
 
 def table_summaries(spec, results, conditions):
@@ -442,7 +449,8 @@ def markdown(name, spec, rows, conditions):
     if fs:
         lines += ["| finding (paper) | " + " | ".join(conditions) + " |", "|---|" + "---|" * len(conditions)]
         for f in fs:
-            vs = [verdict(by_label[f.a][c], by_label[f.b][c], f.kind) for c in conditions]
+            vs = [verdict(by_label[f.a][c], by_label[f.b][c], f.kind) + seeds_caveat(by_label[f.a][c], by_label[f.b][c])
+                  for c in conditions]
             lines.append(f"| {f.claim} ({f.paper}) | " + " | ".join(vs) + " |")
         lines.append("")
     return "\n".join(lines)

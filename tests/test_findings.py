@@ -36,6 +36,10 @@ def test_verdicts():
     assert findings.verdict(hi, mid, "matches").startswith("consistent")
     assert findings.verdict(hi, lo, "matches").startswith("not reproduced")
     assert findings.verdict(None, lo, "beats") == "not run yet"
+    one, three = dict(per_seed=[0.9]), dict(per_seed=[0.9, 0.8, 1.0])
+    assert findings.seeds_caveat(one, three) == " (1 vs 3 seeds)" and findings.seeds_caveat(three, three) == ""
+    s1 = findings.summarize({0: dict(episodes=10, success={"a": 0.7, "b": 0.9})})
+    assert "±" not in findings.cell(s1) and findings.cell(s1).startswith("80.0% [")  # no spread from one seed
     labels = {t: {v.label for v in spec["variants"]} for t, spec in findings.TABLES.items()}
     for f in findings.FINDINGS:  # every finding names two variants of its table
         assert {f.a, f.b} <= labels[f.table], f

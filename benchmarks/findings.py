@@ -316,10 +316,12 @@ def clear_training(run_dir):
     """Before (re-)training a run: remove what an earlier, forced or interrupted, training left there. train.py
     refuses an --out that holds another run's checkpoints, weights or metrics (the two would mix); the old
     model's evaluations (eval_* folders and logs) go too."""
-    for name in ("checkpoints", "tb", *(p.name for p in run_dir.glob("eval_*") if p.is_dir())):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-    for name in ("model.safetensors", "metrics.csv", *(p.name for p in run_dir.glob("eval_*") if p.is_file())):
-        (run_dir / name).unlink(missing_ok=True)
+    left = [run_dir / n for n in ("checkpoints", "tb", "model.safetensors", "metrics.csv")]
+    for p in left + list(run_dir.glob("eval_*")):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -169,8 +169,11 @@ METAWORLD_PARAPHRASES = {
     "lever-pull": ("lift the lever", "pull the lever upward", "raise the lever"),
     "dial-turn": ("rotate the dial", "twist the dial", "spin the dial around"),
 }
+# `--instructions generic`: one instruction that names no task, the same for all of them. A probe, not part of the
+# split: whatever a policy still solves with it, it reads off the scene (each task has its own object), not the words.
+GENERIC_INSTRUCTION = "do the task"
 SCENES = ("seen", "shifted")
-INSTRUCTION_SETS = ("seen", "paraphrased")
+INSTRUCTION_SETS = ("seen", "paraphrased", "generic")
 # The shifted scene (`--scene shifted`, test time only): the miniature of CALVIN's unseen scene D (new table
 # textures and object colours, same robot). Per episode seed: every material recoloured (the floor, table and
 # wall textures tinted; the task objects' colours mixed with a random one; the robot, whose geoms carry bare
@@ -246,7 +249,7 @@ class MetaWorldEnv:
         _pick_gl_backend()
         import metaworld
         self.task, self.image_size, self.cameras, self.max_steps = task, image_size, tuple(cameras), max_steps
-        self.instruction = METAWORLD_INSTRUCTIONS[task]
+        self.instruction = GENERIC_INSTRUCTION if instructions == "generic" else METAWORLD_INSTRUCTIONS[task]
         self.env = metaworld.ALL_V3_ENVIRONMENTS[f"{task}-v3"]()
         self.env._partially_observable = False  # goal position in the 39-d state (the expert reads it)
         self.env._freeze_rand_vec = False  # new object placement at every reset ...
@@ -1597,7 +1600,8 @@ def main(argv=None):
     p.add_argument("--scene", default="seen", choices=SCENES, help="Meta-World: seen = the training scene; shifted "
                    "= recoloured, relit, cameras moved (per episode seed; the miniature of CALVIN's scene D)")
     p.add_argument("--instructions", default="seen", choices=INSTRUCTION_SETS, help="Meta-World: seen = the "
-                   "training instruction; paraphrased = a held-out paraphrase per episode seed")
+                   "training instruction; paraphrased = a held-out paraphrase per episode seed; generic = "
+                   f"{GENERIC_INSTRUCTION!r} for every task (a probe: how much the policy reads off the scene)")
     # CALVIN (section 4) and SimplerEnv (section 5)
     p.add_argument("--calvin-root", default=None, help="CALVIN split directory holding validation/ (e.g. task_ABCD_D)")
     p.add_argument("--calvin-sequences", default=None, help="official eval_sequences.json (default: regenerate the "

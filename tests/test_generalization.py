@@ -100,6 +100,11 @@ def test_evaluation_passes_the_split_to_the_policy():
                                    baselines=False, progress=False, scene=scene, instructions=instr)
         assert res["button-press-topdown"]["policy"] == 0.0
         out[scene] = rec
+    rec = Recorder()  # the probe: one task-free instruction for every task
+    E.evaluate_metaworld(rec, tasks=("button-press-topdown", "drawer-open"), episodes=1, image_size=32, max_steps=2,
+                         baselines=False, progress=False, instructions="generic")
+    assert set(rec.said) == {E.GENERIC_INSTRUCTION}
+    assert E.GENERIC_INSTRUCTION not in set(E.METAWORLD_INSTRUCTIONS.values())
     assert set(out["seen"].said) == {"press the button from the top"}
     assert set(out["shifted"].said) <= set(E.METAWORLD_PARAPHRASES["button-press-topdown"])
     assert np.abs(out["seen"].frames[0].astype(int) - out["shifted"].frames[0].astype(int)).mean() > 5
